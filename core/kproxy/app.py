@@ -1,0 +1,161 @@
+"""The kproxy process: configuration, plugins, state, engine and the sync loop.
+
+``App`` is also the public API plugins get in ``kproxy_configure``: ``config``,
+``options(name)``, ``state``, ``request_sync()``, ``announce_interfaces()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from . import pluginmanager as plugins
+from .config import Config, ConfigError
+from .engine import Engine, SyncResult
+from .options import Option, OptionRegistry
+from .state import ClusterState
+
+log = logging.getLogger("kproxy")
+
+FULL_SYNC_PERIOD = 3600.0
+
+
+def collect_options(pm) -> list[Option]:
+    """Every option of every plugin registered in ``pm``."""
+    out: list[Option] = []
+    for impl in pm.hook.kproxy_add_options.get_hookimpls():
+        impl.function(options=OptionRegistry(impl.plugin_name, out))
+    return out
+
+
+class App:
+    def __init__(self, config: Config, backend, pm=None, enabled: list[str] | None = None,
+                 cli_options: dict | None = None):
+        self.config = config
+        self.backend = backend
+        self.pm = pm or plugins.make_manager()
+        self.enabled = list(enabled or [])
+        self.state = ClusterState(node_name=config.node_name)
+        self.engine = Engine(self)
+        self.last_result: SyncResult | None = None
+        self._options = self._resolve_options(cli_options or {})
+        self._wake = threading.Condition()
+        self._pending = False
+        self._pending_full = False
+        self._stop = threading.Event()
+        self.configured = False
+
+    @classmethod
+    def from_config(cls, config: Config, backend, enable=(), disable=(), cli_options=None) -> "App":
+        """Select and load the plugins the config and flags ask for."""
+        installed = plugins.discover()
+        names = plugins.select(plugins.default_plugins(), list(config.plugins) + list(enable),
+                               list(config.disable_plugins) + list(disable), installed)
+        pm = plugins.make_manager()
+        plugins.load(pm, names, installed)
+        return cls(config, backend, pm, names, cli_options)
+
+    # -- options ------------------------------------------------------------------------
+    def _resolve_options(self, cli: dict) -> dict[str, dict]:
+        values: dict[str, dict] = {}
+        registered = collect_options(self.pm)
+        for plugin, conf in self.config.plugin_config.items():
+            if self.pm.get_plugin(plugin) is None:
+                continue  # options of a plugin that is not enabled
+            names = {o.name for o in registered if o.plugin == plugin}
+            for key in conf:
+                if key not in names:
+                    raise ConfigError(f"kproxy.{plugin}.{key}: plugin {plugin} has no option {key!r}"
+                                      + (f" (options: {', '.join(sorted(names))})" if names else ""))
+        for opt in registered:
+            val = opt.default
+            if opt.kube_proxy_field and opt.kube_proxy_field in self.config.kube_proxy_extra:
+                val = opt.parse(self.config.kube_proxy_extra[opt.kube_proxy_field])
+            if opt.name in self.config.plugin_config.get(opt.plugin, {}):
+                val = opt.parse(self.config.plugin_config[opt.plugin][opt.name])
+            if (opt.plugin, opt.name) in cli:
+                val = opt.parse(cli[(opt.plugin, opt.name)])
+            values.setdefault(opt.plugin, {})[opt.name] = val
+        return values
+
+    def options(self, plugin: str) -> dict:
+        """The resolved option values of one plugin (flag > config file > default)."""
+        return dict(self._options.get(plugin, {}))
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def configure(self) -> None:
+        for name, fn in plugins.call_order(self.pm, "kproxy_configure"):
+            try:
+                fn(app=self)
+            except Exception as e:
+                raise plugins.PluginError(f"plugin {name} failed to configure: {type(e).__name__}: {e}") from e
+        self.configured = True
+
+    def unconfigure(self) -> None:
+        if not self.configured:
+            return
+        self.configured = False
+        for name, fn in plugins.call_order(self.pm, "kproxy_unconfigure"):
+            try:
+                fn(app=self)
+            except Exception:
+                log.exception("plugin %s failed to unconfigure", name)
+
+    # -- API for plugins ----------------------------------------------------------------
+    def request_sync(self, full: bool = False) -> None:
+        """Ask for a sync soon (coalesced; at most one per minSyncPeriod)."""
+        with self._wake:
+            self._pending = True
+            self._pending_full = self._pending_full or full
+            self._wake.notify()
+
+    def announce_interfaces(self, links) -> None:
+        """Tell every plugin the node's complete current set of links."""
+        for name, fn in plugins.call_order(self.pm, "kproxy_interface_change"):
+            try:
+                fn(app=self, links=tuple(links))
+            except Exception:
+                log.exception("plugin %s failed in kproxy_interface_change", name)
+
+    def notify_post_apply(self, ctx, result) -> None:
+        for name, fn in plugins.call_order(self.pm, "kproxy_post_apply"):
+            try:
+                fn(ctx=ctx, result=result)
+            except Exception:
+                log.exception("plugin %s failed in kproxy_post_apply", name)
+
+    # -- running ------------------------------------------------------------------------
+    def sync(self, full: bool = True) -> SyncResult:
+        self.last_result = self.engine.sync(full)
+        return self.last_result
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+
+    def run_forever(self) -> None:
+        """Sync on request, at most once per minSyncPeriod; retry failures after
+        syncPeriod; a full sync at least every hour."""
+        cfg = self.config
+        last_end = 0.0
+        last_full = 0.0
+        self.request_sync(full=True)
+        while not self._stop.is_set():
+            failed = self.last_result is not None and not self.last_result.ok
+            with self._wake:
+                deadline = (last_end + cfg.sync_period) if failed else (last_full + FULL_SYNC_PERIOD)
+                while not self._pending and not self._stop.is_set() and time.monotonic() < deadline:
+                    self._wake.wait(max(0.0, deadline - time.monotonic()))
+                if self._stop.is_set():
+                    return
+                full = self._pending_full or failed or not self._pending
+                self._pending = self._pending_full = False
+            gap = last_end + cfg.min_sync_period - time.monotonic()
+            if gap > 0 and self._stop.wait(gap):
+                return
+            result = self.sync(full)
+            last_end = time.monotonic()
+            if result.full and result.ok:
+                last_full = last_end

@@ -1,0 +1,274 @@
+"""The ``kproxy`` command line: run, render, plugins, cleanup."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from . import __version__
+from . import config as configmod
+from . import pluginmanager as plugins
+from .app import App, collect_options
+from .config import Config, ConfigError
+from .engine import cleanup as cleanup_tables
+from .nft import NftCLI, NftError
+from .sources import manifests as manifest_source
+
+log = logging.getLogger("kproxy")
+
+# kube-proxy's flag names where kube-proxy has the flag; each maps onto a Config field.
+CONFIG_FLAGS = [
+    ("--hostname-override", "node_name", str, "Name of this node (default: the host name)."),
+    ("--cluster-cidr", "cluster_cidrs", str, "Pod CIDR(s) of the cluster, comma-separated (local-traffic detection)."),
+    ("--detect-local-mode", "detect_local_mode", click.Choice(configmod.DETECT_LOCAL_MODES), "How to tell pod traffic from other traffic."),
+    ("--pod-bridge-interface", "bridge_interface", str, "Bridge of the pods (detect-local-mode BridgeInterface)."),
+    ("--pod-interface-name-prefix", "interface_name_prefix", str, "Name prefix of pod interfaces (detect-local-mode InterfaceNamePrefix)."),
+    ("--nodeport-addresses", "node_port_addresses", str, "CIDRs of node addresses that accept NodePorts, comma-separated, or 'primary'."),
+    ("--masquerade-all", "masquerade_all", bool, "Masquerade all traffic to ClusterIPs."),
+    ("--metrics-bind-address", "metrics_bind_address", str, "IP:port of the metrics server."),
+    ("--healthz-bind-address", "healthz_bind_address", str, "IP:port of the health server."),
+]
+
+
+def _setup_logging(verbose: int):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"kproxy: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _warn(message: str):
+    click.echo(f"kproxy: {message}", err=True)
+
+
+def load_config(path: str | None, flags: dict) -> Config:
+    """The config file (if any), then the flags given on the command line over it."""
+    cfg = configmod.load(path, warn=_warn) if path else configmod.validate(Config())
+    changes = {}
+    for flag, field_name, _, _ in CONFIG_FLAGS:
+        value = flags.get(field_name)
+        if value is None or value is False and field_name == "masquerade_all":
+            continue
+        if field_name == "cluster_cidrs":
+            value = configmod._cidr_list(value, flag)
+        elif field_name == "node_port_addresses":
+            value = ("primary",) if value.strip() == "primary" else configmod._cidr_list(value, flag)
+        elif field_name == "node_name":
+            value = value.strip().lower()
+        changes[field_name] = value
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _discovered_options():
+    """Options of every installed plugin, so that they all appear in --help."""
+    pm = plugins.make_manager()
+    for name, info in plugins.discover().items():
+        try:
+            pm.register(plugins._import(info.module), name=name)
+        except Exception as e:  # a broken plugin must not break the CLI for the others
+            log.debug("cannot load plugin %s for its options: %s", name, e)
+    return collect_options(pm)
+
+
+def config_options(f):
+    for flag, field_name, kind, help_text in reversed(CONFIG_FLAGS):
+        if kind is bool:
+            f = click.option(flag, field_name, is_flag=True, default=None, help=help_text)(f)
+        else:
+            f = click.option(flag, field_name, type=kind, default=None, help=help_text)(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1).")(f)
+    f = click.option("--plugin", "enable", multiple=True, help="Enable a plugin (repeatable).")(f)
+    f = click.option("--disable-plugin", "disable", multiple=True, help="Disable a plugin of the default set (repeatable).")(f)
+    f = click.option("-v", "--verbose", count=True, help="More logging.")(f)
+    return f
+
+
+def plugin_options(f):
+    for opt in _discovered_options():
+        param = f"plugin_opt__{opt.plugin}__{opt.name}"
+        f = click.option(opt.flag, param, default=None, type=str if opt.type != "bool" else click.BOOL,
+                         help=f"[{opt.plugin}] {opt.help} (default: {opt.default})")(f)
+    return f
+
+
+def _split_flags(kw: dict):
+    """Separate plugin options from the rest of the keyword arguments."""
+    cli_opts = {}
+    for key in [k for k in kw if k.startswith("plugin_opt__")]:
+        value = kw.pop(key)
+        if value is not None:
+            _, plugin, name = key.split("__", 2)
+            cli_opts[(plugin, name)] = value
+    return cli_opts
+
+
+def build_app(kw: dict, backend) -> App:
+    cli_opts = _split_flags(kw)
+    try:
+        cfg = load_config(kw.get("config_path"), kw)
+        app = App.from_config(cfg, backend, kw.get("enable", ()), kw.get("disable", ()), cli_opts)
+    except (ConfigError, plugins.PluginError) as e:
+        _fail(str(e))
+    return app
+
+
+def _load_manifests(app: App, path: str):
+    try:
+        state, _ = manifest_source.load(path, app.config.node_name, warn=_warn)
+    except manifest_source.ManifestError as e:
+        _fail(str(e))
+    app.state.replace_all(state)
+
+
+class PrintBackend:
+    """A backend for --dry-run: prints each transaction instead of applying it."""
+
+    def __init__(self, real: NftCLI):
+        self.real = real
+
+    def apply(self, txn):
+        click.echo(txn.render(), nl=False)
+
+    def list_tables(self):
+        try:
+            return self.real.list_tables()
+        except NftError:
+            return []
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kproxy")
+def cli():
+    """kproxy: Kubernetes Services on nftables, every datapath feature a plugin."""
+
+
+@cli.command()
+@config_options
+@plugin_options
+@click.option("--manifests", type=click.Path(), help="Read objects from YAML files (a file or a directory) instead of the API.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Watch the Kubernetes API with this kubeconfig.")
+@click.option("--once", is_flag=True, help="Sync once and exit (0 on success).")
+@click.option("--dry-run", is_flag=True, help="Print each transaction instead of applying it.")
+def run(manifests, kubeconfig, once, dry_run, **kw):
+    """Program nftables for the Services of the cluster (or of --manifests) and keep them up to date."""
+    _setup_logging(kw.pop("verbose"))
+    real = NftCLI()
+    if not dry_run and not real.available():
+        _fail("the nft program is not installed (Debian/Ubuntu: apt-get install nftables)")
+    app = build_app(kw, PrintBackend(real) if dry_run else real)
+    if manifests:
+        _load_manifests(app, manifests)
+    else:
+        kubeconfig = kubeconfig or app.config.kubeconfig
+        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        default_kc = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        if not (kubeconfig or in_cluster or os.path.exists(default_kc)):
+            _fail("no Kubernetes API configuration found (no --kubeconfig, no in-cluster service account, "
+                  "no ~/.kube/config); to program Services from files use --manifests PATH")
+        _fail("the Kubernetes API source is not implemented yet; use --manifests PATH")
+    try:
+        app.configure()
+    except plugins.PluginError as e:
+        _fail(str(e), 1)
+    try:
+        if once:
+            result = app.sync(full=True)
+            if not result.ok:
+                _fail(result.error, 1)
+            return
+        watcher = manifest_source.ManifestWatcher(manifests, app).start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: app.stop())
+        log.info("kproxy %s running with plugins %s", __version__, ", ".join(app.enabled))
+        app.run_forever()
+        watcher.stop()
+        log.info("stopped; nftables rules left in place (use 'kproxy cleanup' to remove them)")
+    finally:
+        app.unconfigure()
+
+
+@cli.command()
+@config_options
+@plugin_options
+@click.option("--manifests", type=click.Path(), required=True, help="YAML file or directory of objects.")
+@click.option("--annotate", is_flag=True, help="Mark each line with the plugin that produced it.")
+def render(manifests, annotate, **kw):
+    """Print the complete nft script for the state in --manifests (touches nothing)."""
+    _setup_logging(kw.pop("verbose"))
+    app = build_app(kw, None)
+    _load_manifests(app, manifests)
+    try:
+        ctx, _ = app.engine.render(app.state.snapshot())
+    except plugins.PluginError as e:
+        _fail(str(e), 1)
+    txn = app.engine.transaction(ctx)
+    for op in txn.ops:
+        line = op.render()
+        owner = getattr(op.obj, "owner", None) or ctx.owners.get(getattr(op.obj, "key", None))
+        if annotate and owner:
+            line = f"{line}  # {owner}"
+        click.echo(line)
+
+
+@cli.command(name="plugins")
+@config_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def plugins_cmd(fmt, **kw):
+    """List every discovered plugin and whether it is enabled."""
+    kw.pop("verbose")
+    try:
+        cfg = load_config(kw.get("config_path"), kw)
+        installed = plugins.discover()
+        enabled = plugins.select(plugins.default_plugins(), list(cfg.plugins) + list(kw["enable"]),
+                                 list(cfg.disable_plugins) + list(kw["disable"]), installed)
+    except (ConfigError, plugins.PluginError) as e:
+        _fail(str(e))
+    options = _discovered_options()
+    rows = []
+    for name, info in sorted(installed.items()):
+        pm = plugins.make_manager()
+        try:
+            pm.register(plugins._import(info.module), name=name)
+            hooks = plugins.hooks_of(pm, name)
+        except Exception as e:
+            hooks = [f"<cannot load: {e}>"]
+        rows.append({
+            "name": name, "distribution": info.distribution, "version": info.version,
+            "origin": "built-in" if info.builtin else "third-party", "enabled": name in enabled,
+            "hooks": hooks, "options": [o.flag for o in options if o.plugin == name],
+        })
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        mark = "enabled " if r["enabled"] else "disabled"
+        click.echo(f"{r['name']:<16} {mark} {r['distribution']} {r['version']} ({r['origin']})")
+        click.echo(f"{'':<16} hooks: {', '.join(r['hooks'])}")
+        if r["options"]:
+            click.echo(f"{'':<16} options: {', '.join(r['options'])}")
+
+
+@cli.command()
+@click.option("-v", "--verbose", count=True)
+def cleanup(verbose):
+    """Remove every table kproxy installed in this network namespace, and nothing else."""
+    _setup_logging(verbose)
+    try:
+        removed = cleanup_tables(NftCLI())
+    except NftError as e:
+        _fail(str(e), 1)
+    for fam, name in removed:
+        click.echo(f"removed table {fam} {name}")
+
+
+def main():
+    cli()

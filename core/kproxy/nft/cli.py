@@ -1,0 +1,71 @@
+"""The real backend: feeds a whole transaction to ``nft -f -`` (one atomic batch)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+from .errors import NftError
+from .transaction import Transaction
+
+_LOCATION = re.compile(r"^(?:/dev/stdin|-):(\d+):[\d\-]+: Error: (.*)$")
+
+
+class NftCLI:
+    """Applies transactions with the ``nft`` program in the current network namespace."""
+
+    def __init__(self, nft: str = "nft"):
+        self.nft = nft
+
+    def available(self) -> bool:
+        return shutil.which(self.nft) is not None
+
+    def _run(self, args, input_text=None) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([self.nft, *args], input=input_text, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise NftError(f"the nft program ({self.nft}) is not installed") from None
+
+    def apply(self, txn: Transaction | str) -> None:
+        """Apply a transaction whole, or raise ``NftError`` (then nothing was applied)."""
+        text = txn if isinstance(txn, str) else txn.render()
+        if not text:
+            return
+        proc = self._run(["-f", "-"], text)
+        if proc.returncode != 0:
+            raise parse_error(proc.stderr, text)
+
+    def check(self, txn: Transaction | str) -> None:
+        """Let nft validate a transaction without applying it (``nft -c``)."""
+        text = txn if isinstance(txn, str) else txn.render()
+        proc = self._run(["-c", "-f", "-"], text)
+        if proc.returncode != 0:
+            raise parse_error(proc.stderr, text)
+
+    def list_tables(self) -> list[tuple[str, str]]:
+        """(family, name) of every table in this network namespace."""
+        proc = self._run(["-j", "list", "tables"])
+        if proc.returncode != 0:
+            raise NftError(f"nft list tables failed: {proc.stderr.strip()}")
+        items = json.loads(proc.stdout or '{"nftables": []}')["nftables"]
+        return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
+
+    def list_ruleset(self, family: str | None = None, table: str | None = None) -> str:
+        args = ["list", "table", family, table] if table else ["list", "ruleset"]
+        proc = self._run(args)
+        if proc.returncode != 0:
+            raise NftError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+
+def parse_error(stderr: str, text: str) -> NftError:
+    """Turn nft's stderr into an NftError naming the first offending line."""
+    lines = text.splitlines()
+    for err_line in stderr.splitlines():
+        m = _LOCATION.match(err_line)
+        if m:
+            n = int(m.group(1))
+            return NftError(m.group(2), n, lines[n - 1] if 0 < n <= len(lines) else None)
+    return NftError(stderr.strip() or "nft failed without a message")

@@ -1,0 +1,1 @@
+"""Where the cluster state comes from: manifest files or the Kubernetes API."""

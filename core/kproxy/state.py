@@ -1,0 +1,128 @@
+"""The cluster state kproxy proxies: a store of validated objects and the joins on it.
+
+Sources (manifest files, the Kubernetes API) write into a ``ClusterState``; each sync
+reads a consistent ``snapshot()`` of it. ``service_endpoints`` joins a Service port with
+the endpoints of its EndpointSlices exactly as kube-proxy does: by the slice's
+``kubernetes.io/service-name`` label plus port name and protocol, one entry per address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from dataclasses import dataclass, field
+
+from msgspec import Struct
+
+from .model import EndpointSlice, Node, Service, ServiceCIDR, ServicePort
+
+
+class ServiceEndpoint(Struct, frozen=True):
+    """An endpoint of one Service port: its address, the port to DNAT to, and its state."""
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone: str = ""
+    zone_hints: tuple[str, ...] | None = None
+    node_hints: tuple[str, ...] | None = None
+
+    @property
+    def version(self) -> int:
+        return 6 if ":" in self.ip else 4
+
+
+@dataclass
+class ClusterState:
+    """Services, EndpointSlices, this node and the ServiceCIDRs, keyed by namespace/name."""
+
+    node_name: str = ""
+    services: dict[tuple[str, str], Service] = field(default_factory=dict)
+    slices: dict[tuple[str, str], EndpointSlice] = field(default_factory=dict)
+    node: Node | None = None
+    service_cidrs: dict[str, ServiceCIDR] = field(default_factory=dict)
+    # slices grouped by (namespace, service name); kept in step by put/remove
+    _by_service: dict[tuple[str, str], dict[str, EndpointSlice]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    # -- writing (sources) -------------------------------------------------------------
+    def put(self, obj) -> None:
+        with self._lock:
+            if isinstance(obj, Service):
+                self.services[obj.key] = obj
+            elif isinstance(obj, EndpointSlice):
+                self._remove_slice(obj.key)
+                self.slices[obj.key] = obj
+                self._by_service.setdefault((obj.namespace, obj.service_name), {})[obj.name] = obj
+            elif isinstance(obj, Node):
+                if obj.name == self.node_name:
+                    self.node = obj
+            elif isinstance(obj, ServiceCIDR):
+                self.service_cidrs[obj.name] = obj
+            else:
+                raise TypeError(f"cannot store {type(obj).__name__}")
+
+    def remove(self, kind: str, namespace: str, name: str) -> None:
+        with self._lock:
+            if kind == "Service":
+                self.services.pop((namespace, name), None)
+            elif kind == "EndpointSlice":
+                self._remove_slice((namespace, name))
+            elif kind == "Node":
+                if name == self.node_name:
+                    self.node = None
+            elif kind == "ServiceCIDR":
+                self.service_cidrs.pop(name, None)
+
+    def _remove_slice(self, key):
+        old = self.slices.pop(key, None)
+        if old is not None:
+            group = self._by_service.get((old.namespace, old.service_name), {})
+            group.pop(old.name, None)
+            if not group:
+                self._by_service.pop((old.namespace, old.service_name), None)
+
+    def replace_all(self, other: "ClusterState") -> None:
+        """Take over every object of ``other`` (a freshly loaded state)."""
+        with self._lock:
+            self.services, self.slices = other.services, other.slices
+            self.node, self.service_cidrs = other.node, other.service_cidrs
+            self._by_service = other._by_service
+
+    def snapshot(self) -> "ClusterState":
+        """A consistent copy for one sync; sources may keep writing to the original."""
+        with self._lock:
+            return ClusterState(
+                node_name=self.node_name, services=dict(self.services), slices=dict(self.slices),
+                node=self.node, service_cidrs=dict(self.service_cidrs),
+                _by_service={k: dict(v) for k, v in self._by_service.items()},
+            )
+
+    # -- reading (plugins) -------------------------------------------------------------
+    def service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
+        """The endpoints of one Service port (of IP ``version`` if given), duplicates
+        across slices counted once (a ready copy wins over a not-ready one)."""
+        found: dict[str, ServiceEndpoint] = {}
+        for sl in self._by_service.get(service.key, {}).values():
+            if version is not None and sl.address_type != f"IPv{version}":
+                continue
+            number = next((p.port for p in sl.ports if p.name == port.name and p.protocol == port.protocol), None)
+            if number is None:
+                continue
+            for e in sl.endpoints:
+                prev = found.get(e.ip)
+                if prev is not None and (prev.ready or not e.ready):
+                    continue
+                found[e.ip] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
+                                              e.zone, e.zone_hints, e.node_hints)
+        return sorted(found.values(), key=lambda e: (ipaddress.ip_address(e.ip), e.port))
+
+    def cidrs(self, version: int) -> list[str]:
+        """The ServiceCIDRs of one IP version."""
+        out = []
+        for sc in self.service_cidrs.values():
+            out.extend(c for c in sc.cidrs if ipaddress.ip_network(c).version == version)
+        return sorted(set(out))
