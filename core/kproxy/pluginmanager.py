@@ -8,13 +8,14 @@ itself. The default set is not written in the core: a distribution declares it t
 the entry-point group ``kproxy.defaults`` (kproxy's own distribution declares the
 built-ins; a custom distribution's declaration takes precedence).
 
-A ``--plugin`` value that is not an entry-point name but a dotted module path
+A ``--plugin`` value that is not an entry-point name but an importable module
 (``pkg.module``) is imported directly, like pytest's ``-p``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import importlib.metadata as md
 from dataclasses import dataclass
 
@@ -72,12 +73,22 @@ def _import(spec: str):
         raise PluginError(f"plugin {spec}: cannot import: {type(e).__name__}: {e}") from e
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def select(defaults, enable, disable, installed: dict[str, PluginInfo]) -> list[str]:
     """The ordered list of plugins to run; unknown names are an error listing the known."""
     known = ", ".join(sorted(installed)) or "(none installed)"
-    for name in list(enable) + list(disable):
-        if name not in installed and "." not in name:
+    for name in enable:
+        if name not in installed and not _importable(name):
             raise PluginError(f"unknown plugin {name!r}; known plugins: {known}")
+    for name in disable:
+        if name not in installed and name not in enable:
+            raise PluginError(f"cannot disable unknown plugin {name!r}; known plugins: {known}")
     chosen = []
     for name in list(defaults) + list(enable):
         if name not in chosen and name not in disable:

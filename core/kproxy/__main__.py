@@ -1,0 +1,5 @@
+"""``python -m kproxy`` is the ``kproxy`` command."""
+
+from .cli import main
+
+main()
