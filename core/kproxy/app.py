@@ -45,6 +45,9 @@ class App:
         self._pending_full = False
         self._stop = threading.Event()
         self.configured = False
+        # set by the source once its initial lists are complete: nothing is programmed
+        # before, so a half-filled cache never reaches the datapath
+        self.sources_synced = threading.Event()
 
     @classmethod
     def from_config(cls, config: Config, backend, enable=(), disable=(), cli_options=None) -> "App":
@@ -141,6 +144,9 @@ class App:
         cfg = self.config
         last_end = 0.0
         last_full = 0.0
+        while not self.sources_synced.wait(0.2):
+            if self._stop.is_set():
+                return
         self.request_sync(full=True)
         while not self._stop.is_set():
             failed = self.last_result is not None and not self.last_result.ok

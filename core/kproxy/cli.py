@@ -167,6 +167,7 @@ def run(manifests, kubeconfig, once, dry_run, **kw):
     app = build_app(kw, PrintBackend(real) if dry_run else real)
     if manifests:
         _load_manifests(app, manifests)
+        app.sources_synced.set()
     else:
         kubeconfig = kubeconfig or app.config.kubeconfig
         in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))

@@ -68,7 +68,9 @@ def parse_duration(value, field_name: str) -> float:
     else:
         text = str(value).strip()
         parts = _DURATION.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
+        if text == "0":  # the one duration Go accepts without a unit
+            parts = [("0", "s")]
+        elif not text or "".join(n + u for n, u in parts) != text:
             raise ConfigError(f"{field_name}: invalid duration {value!r} (examples: 30s, 1m, 500ms)")
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     if seconds < 0:
@@ -227,7 +229,8 @@ def from_dict(data, warn=print, source="config") -> Config:
     for path, name in (("nftables.syncPeriod", "sync_period"), ("nftables.minSyncPeriod", "min_sync_period")):
         if flat.get(path) is not None:
             kw[name] = parse_duration(flat[path], path)
-    kp = flat.get("kproxy") or {}
+    kp = flat.get("kproxy")
+    kp = {} if kp is None else kp
     if not isinstance(kp, dict):
         raise ConfigError("kproxy: must be a mapping")
     for key in ("plugins", "disablePlugins"):

@@ -28,9 +28,10 @@ class Categorized:
 
 
 def _topology_filter(ready: list[ServiceEndpoint], node_name: str, zone: str) -> list[ServiceEndpoint]:
-    if ready and all(e.node_hints is not None for e in ready) and any(node_name in e.node_hints for e in ready):
+    # an endpoint without hints (None, or an empty list) makes that kind of hint unusable
+    if ready and all(e.node_hints for e in ready) and any(node_name in e.node_hints for e in ready):
         return [e for e in ready if node_name in e.node_hints]
-    if zone and ready and all(e.zone_hints is not None for e in ready) and any(zone in e.zone_hints for e in ready):
+    if zone and ready and all(e.zone_hints for e in ready) and any(zone in e.zone_hints for e in ready):
         return [e for e in ready if zone in e.zone_hints]
     return ready
 

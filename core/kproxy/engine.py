@@ -55,6 +55,7 @@ class SyncContext:
         self.elements: dict[tuple, dict[str, Element]] = {}  # set key -> element key -> Element
         self.element_owners: dict[tuple, str] = {}
         self.rules: dict[tuple, list[Rule]] = {}  # chain key -> rules
+        self.plugin_data: dict = {}  # scratch space for plugins, alive for this sync only
         self._main = {ver: Table(fam, MAIN_TABLE, "kproxy service proxy rules") for ver, fam in FAMILY_OF_VERSION.items()}
 
     # -- for plugins --------------------------------------------------------------------

@@ -190,7 +190,8 @@ def service_from_raw(raw: api.ServiceObj) -> Service:
     ips = s.cluster_ips or ([s.cluster_ip] if s.cluster_ip else [])
     if not ips or ips[0] == "None":
         raise Ignored(f"Service {ref} is headless or has no clusterIP")
-    cluster_ips = tuple(_ip("Service", ref, f"spec.clusterIPs[{i}]", a) for i, a in enumerate(ips))
+    where = "spec.clusterIPs[{}]" if s.cluster_ips else "spec.clusterIP"  # the field the user wrote
+    cluster_ips = tuple(_ip("Service", ref, where.format(i), a) for i, a in enumerate(ips))
     ports = []
     for i, p in enumerate(s.ports):
         ports.append(ServicePort(
@@ -310,4 +311,5 @@ _CONVERT = {
 
 def from_api(kind: str, data):
     """Decode and validate one API object of ``kind``; raises InvalidObject or Ignored."""
-    return _CONVERT[kind](decode_raw(kind, data))
+    raw = decode_raw(kind, data)  # first: an unknown kind is an InvalidObject, not a KeyError
+    return _CONVERT[kind](raw)

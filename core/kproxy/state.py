@@ -47,50 +47,85 @@ class ClusterState:
     # slices grouped by (namespace, service name); kept in step by put/remove
     _by_service: dict[tuple[str, str], dict[str, EndpointSlice]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # what changed since the last take_changes(): Service keys, and whether anything
+    # that affects every Service (this Node, the ServiceCIDRs) changed
+    _changed: set = field(default_factory=set, repr=False, compare=False)
+    _changed_all: bool = field(default=False, repr=False, compare=False)
 
     # -- writing (sources) -------------------------------------------------------------
     def put(self, obj) -> None:
         with self._lock:
             if isinstance(obj, Service):
-                self.services[obj.key] = obj
+                if self.services.get(obj.key) != obj:
+                    self.services[obj.key] = obj
+                    self._changed.add(obj.key)
             elif isinstance(obj, EndpointSlice):
-                self._remove_slice(obj.key)
-                self.slices[obj.key] = obj
-                self._by_service.setdefault((obj.namespace, obj.service_name), {})[obj.name] = obj
+                if self.slices.get(obj.key) != obj:
+                    self._remove_slice(obj.key)
+                    self.slices[obj.key] = obj
+                    self._by_service.setdefault((obj.namespace, obj.service_name), {})[obj.name] = obj
+                    self._changed.add((obj.namespace, obj.service_name))
             elif isinstance(obj, Node):
-                if obj.name == self.node_name:
+                if obj.name == self.node_name and obj != self.node:
                     self.node = obj
+                    self._changed_all = True
             elif isinstance(obj, ServiceCIDR):
-                self.service_cidrs[obj.name] = obj
+                if self.service_cidrs.get(obj.name) != obj:
+                    self.service_cidrs[obj.name] = obj
+                    self._changed_all = True
             else:
                 raise TypeError(f"cannot store {type(obj).__name__}")
 
     def remove(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
             if kind == "Service":
-                self.services.pop((namespace, name), None)
+                if self.services.pop((namespace, name), None) is not None:
+                    self._changed.add((namespace, name))
             elif kind == "EndpointSlice":
                 self._remove_slice((namespace, name))
             elif kind == "Node":
-                if name == self.node_name:
+                if name == self.node_name and self.node is not None:
                     self.node = None
+                    self._changed_all = True
             elif kind == "ServiceCIDR":
-                self.service_cidrs.pop(name, None)
+                if self.service_cidrs.pop(name, None) is not None:
+                    self._changed_all = True
 
     def _remove_slice(self, key):
         old = self.slices.pop(key, None)
         if old is not None:
+            self._changed.add((old.namespace, old.service_name))
             group = self._by_service.get((old.namespace, old.service_name), {})
             group.pop(old.name, None)
             if not group:
                 self._by_service.pop((old.namespace, old.service_name), None)
 
     def replace_all(self, other: "ClusterState") -> None:
-        """Take over every object of ``other`` (a freshly loaded state)."""
+        """Take over every object of ``other`` (a freshly loaded state), recording
+        which Services changed."""
         with self._lock:
+            for key in set(self.services) | set(other.services):
+                if self.services.get(key) != other.services.get(key):
+                    self._changed.add(key)
+            for key in set(self._by_service) | set(other._by_service):
+                if self._by_service.get(key) != other._by_service.get(key):
+                    self._changed.add(key)
+            if self.node != other.node or self.service_cidrs != other.service_cidrs:
+                self._changed_all = True
             self.services, self.slices = other.services, other.slices
             self.node, self.service_cidrs = other.node, other.service_cidrs
             self._by_service = other._by_service
+
+    def take_changes(self) -> tuple[set, bool]:
+        """(Service keys changed, whether Node/ServiceCIDRs changed) since the last call."""
+        with self._lock:
+            changed, everything = self._changed, self._changed_all
+            self._changed, self._changed_all = set(), False
+            return changed, everything
+
+    def pending_changes(self) -> int:
+        with self._lock:
+            return len(self._changed)
 
     def snapshot(self) -> "ClusterState":
         """A consistent copy for one sync; sources may keep writing to the original."""
@@ -105,7 +140,7 @@ class ClusterState:
     def service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
         """The endpoints of one Service port (of IP ``version`` if given), duplicates
         across slices counted once (a ready copy wins over a not-ready one)."""
-        found: dict[str, ServiceEndpoint] = {}
+        found: dict[tuple[str, int], ServiceEndpoint] = {}  # by address and port, as in kube-proxy
         for sl in self._by_service.get(service.key, {}).values():
             if version is not None and sl.address_type != f"IPv{version}":
                 continue
@@ -113,12 +148,12 @@ class ClusterState:
             if number is None:
                 continue
             for e in sl.endpoints:
-                prev = found.get(e.ip)
+                prev = found.get((e.ip, number))
                 if prev is not None and (prev.ready or not e.ready):
                     continue
-                found[e.ip] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
+                found[(e.ip, number)] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
                                               e.zone, e.zone_hints, e.node_hints)
-        return sorted(found.values(), key=lambda e: (ipaddress.ip_address(e.ip), e.port))
+        return sorted(found.values(), key=lambda e: (e.version, ipaddress.ip_address(e.ip), e.port))
 
     def cidrs(self, version: int) -> list[str]:
         """The ServiceCIDRs of one IP version."""

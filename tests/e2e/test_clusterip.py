@@ -106,7 +106,7 @@ def test_cleanup_leaves_the_namespace_as_it_was(clean):
 def test_replacement_masquerade_plugin_is_what_runs(clean):
     clean.sync(demo_objects(), "--disable-plugin", "masquerade", "--plugin", "snat_everything")
     rules = clean.ruleset()
-    assert "masquerade" not in rules and "snat to 192.0.2.1" in rules
+    assert "masquerade fully-random" not in rules and "snat to 192.0.2.1" in rules
     results = clean.client.probe(WEB, 80, count=20)
     assert all(r.ok for r in results), answered_by(results)
     assert {r.peer for r in results} == {"192.0.2.1"}  # the pod source was NATed too: the replacement ran

@@ -56,11 +56,11 @@ class FakeNft:
         self.transactions.append(txn)
 
     def check(self, txn: Transaction) -> None:
-        state, handle = copy.deepcopy(self.tables), self._handle
+        state, handle, applied = copy.deepcopy(self.tables), self._handle, list(self.transactions)
         try:
             self.apply(txn)
         finally:
-            self.tables, self._handle = state, handle
+            self.tables, self._handle, self.transactions = state, handle, applied
 
     def list_tables(self) -> list[tuple[str, str]]:
         return list(self.tables)
@@ -117,10 +117,8 @@ class FakeNft:
 
     def _flush_table(self, o: Table, op):
         t = self._table(o)
-        for name in t.rules:
+        for name in t.rules:  # like nft: rules only, sets keep their elements
             t.rules[name] = []
-        for name in t.elements:
-            t.elements[name] = {}
 
     def _delete_table(self, o: Table, op):
         self._table(o)

@@ -30,6 +30,8 @@ class Op:
             if verb == "insert":
                 pos = f" position {self.handle}" if self.handle is not None else ""
                 return f"insert rule {o.chain_ref()}{pos} {o.body()}"
+            if verb in ("replace", "delete") and self.handle is None:
+                raise ValueError(f"cannot {verb} a rule without its handle")
             if verb == "replace":
                 return f"replace rule {o.chain_ref()} handle {self.handle} {o.body()}"
             if verb == "delete":
@@ -76,7 +78,8 @@ class Transaction:
         return self._op("create", obj)
 
     def flush(self, obj: Table | Chain | Set):
-        """Remove a chain's rules, a set's elements, or every rule and element of a table."""
+        """Remove a chain's rules, a set's elements, or every rule of a table (like nft,
+        flushing a table keeps its chains, sets and set elements)."""
         return self._op("flush", obj)
 
     def delete(self, obj: Obj, handle: int | None = None):

@@ -12,8 +12,8 @@ import ipaddress
 import re
 
 FAMILIES = ("ip", "ip6", "inet")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,255}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.\-:@]{1,15}\*?$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,254}")  # nft names: at most 255 characters
+_IFNAME = re.compile(r"[A-Za-z0-9_.\-:@]{1,15}\*?")
 PROTOCOLS = ("tcp", "udp", "sctp")
 
 
@@ -25,7 +25,7 @@ def family(value: str) -> str:
 
 def name(value: str) -> str:
     """A table, chain, set, map or flowtable name."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(f"invalid nftables object name {value!r}")
     return value
 
@@ -33,7 +33,11 @@ def name(value: str) -> str:
 def ip(value, version: int | None = None) -> str:
     """A single address, rendered canonically; ``version`` 4 or 6 pins the family."""
     try:
+        if not isinstance(value, (str, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            raise ValueError
         addr = ipaddress.ip_address(value)
+        if getattr(addr, "scope_id", None):  # fe80::1%eth0: nft cannot parse a zone index
+            raise ValueError
     except ValueError:
         raise ValueError(f"invalid IP address {value!r}") from None
     if version is not None and addr.version != version:
@@ -45,6 +49,8 @@ def cidr(value, version: int | None = None) -> str:
     """A network in CIDR notation (host bits must be zero)."""
     try:
         net = ipaddress.ip_network(str(value).strip(), strict=True)
+        if getattr(net.network_address, "scope_id", None):
+            raise ValueError("a zone index is not allowed")
     except ValueError as e:
         raise ValueError(f"invalid CIDR {value!r}: {e}") from None
     if version is not None and net.version != version:
@@ -68,16 +74,17 @@ def proto(value: str) -> str:
 
 def ifname(value: str) -> str:
     """An interface name, optionally ending in ``*`` (a prefix match)."""
-    if not isinstance(value, str) or not _IFNAME.match(value):
+    if not isinstance(value, str) or not _IFNAME.fullmatch(value):
         raise ValueError(f"invalid interface name {value!r}")
     return value
 
 
 def comment(value: str) -> str:
-    """A quoted comment; nft has no escape for a double quote, so it is replaced."""
+    """A quoted comment; nft has no escape for a double quote, so it is replaced. nft
+    allows at most 128 bytes, so a longer comment is cut (at a character boundary)."""
     text = str(value).replace('"', "'").replace("\n", " ")
-    if len(text) > 128:
-        text = text[:125] + "..."
+    if len(text.encode()) > 128:
+        text = text.encode()[:125].decode(errors="ignore") + "..."
     return f'"{text}"'
 
 

@@ -1,7 +1,8 @@
 """The embedded default source: Kubernetes objects from YAML (or JSON) files.
 
 ``--manifests PATH`` names a file or a directory (``*.yaml``, ``*.yml``, ``*.json``,
-not recursive). Files may hold several documents and ``kind: List`` objects. An invalid
+not recursive). Files may hold several documents and ``kind: List`` objects; a Service or
+EndpointSlice without a namespace is in ``default``, as with ``kubectl apply``. An invalid
 object is skipped with a message naming the file, the object and the field; everything
 else is still programmed. ``ManifestWatcher`` re-reads the files when they change.
 """
@@ -20,6 +21,7 @@ from ..state import ClusterState
 log = logging.getLogger("kproxy.manifests")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SUFFIXES = (".yaml", ".yml", ".json")
+NAMESPACED = ("Service", "EndpointSlice")
 
 
 class ManifestError(Exception):
@@ -62,6 +64,9 @@ def load(path: str, node_name: str, warn=None) -> tuple[ClusterState, list[str]]
             if kind not in KINDS:
                 problems.append(f"{fname}: document {n + 1}: kind {kind!r} is not one kproxy reads ({', '.join(KINDS)}); skipped")
                 continue
+            md = doc.get("metadata")
+            if kind in NAMESPACED and isinstance(md, dict) and not md.get("namespace"):
+                doc = {**doc, "metadata": {**md, "namespace": "default"}}  # as kubectl apply does
             try:
                 state.put(from_api(kind, doc))
             except Ignored as e:
