@@ -10,6 +10,8 @@ import logging
 import threading
 import time
 
+from prometheus_client import CollectorRegistry
+
 from . import pluginmanager as plugins
 from .config import Config, ConfigError
 from .engine import Engine, SyncResult
@@ -48,6 +50,8 @@ class App:
         # set by the source once its initial lists are complete: nothing is programmed
         # before, so a half-filled cache never reaches the datapath
         self.sources_synced = threading.Event()
+        # every metric of this process, kproxy's and the plugins' (served on /metrics)
+        self.metrics = CollectorRegistry(auto_describe=True)
 
     @classmethod
     def from_config(cls, config: Config, backend, enable=(), disable=(), cli_options=None) -> "App":
@@ -129,8 +133,10 @@ class App:
                 log.exception("plugin %s failed in kproxy_post_apply", name)
 
     # -- running ------------------------------------------------------------------------
-    def sync(self, full: bool = True) -> SyncResult:
-        self.last_result = self.engine.sync(full)
+    def sync(self, full: bool = False) -> SyncResult:
+        """Sync what changed since the last sync (everything when ``full``)."""
+        changed, everything = self.state.take_changes()
+        self.last_result = self.engine.sync(full or everything, changed)
         return self.last_result
 
     def stop(self) -> None:

@@ -208,10 +208,14 @@ def render(manifests, annotate, **kw):
     app = build_app(kw, None)
     _load_manifests(app, manifests)
     try:
-        ctx, _ = app.engine.render(app.state.snapshot())
+        txn, ctx = app.engine.render_script(app.state.snapshot())
+        for name, fn in plugins.call_order(app.pm, "kproxy_render_script"):
+            ctx.plugin = name
+            extra = fn(ctx=ctx)
+            if extra is not None:
+                txn.extend(extra)
     except plugins.PluginError as e:
         _fail(str(e), 1)
-    txn = app.engine.transaction(ctx)
     for op in txn.ops:
         line = op.render()
         owner = getattr(op.obj, "owner", None) or ctx.owners.get(getattr(op.obj, "key", None))

@@ -124,6 +124,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("nftables.minSyncPeriod: must not be greater than syncPeriod")
     if cfg.node_port_addresses != ("primary",):
         _cidr_list(cfg.node_port_addresses, "nodePortAddresses")
+    if cfg.bind_address:
+        try:
+            ipaddress.ip_address(cfg.bind_address)
+        except ValueError:
+            raise ConfigError(f"bindAddress: invalid IP address {cfg.bind_address!r}") from None
     _host_port(cfg.metrics_bind_address, "metricsBindAddress")
     _host_port(cfg.healthz_bind_address, "healthzBindAddress")
     if not cfg.node_name:

@@ -2,11 +2,24 @@
 
 One sync: every enabled plugin declares the objects it owns (``kproxy_pre_render``),
 every declared chain is rendered by asking each plugin for its rules
-(``kproxy_render_chain``), the whole result goes to the kernel as one transaction, and
-the plugins hear the outcome (``kproxy_post_apply``). A plugin that raises, or a
-transaction nft rejects, leaves the kernel exactly as it was and makes the next sync a
-full one. The engine knows no datapath feature: it only knows objects, owners and
-transactions.
+(``kproxy_render_chain``), the difference to what is in the kernel goes to the kernel
+as one transaction, and the plugins hear the outcome (``kproxy_post_apply``).
+
+- A *full* sync (at start, after any failure, when the Node or ServiceCIDRs changed,
+  and periodically) re-renders everything, lists kproxy's tables in the kernel (without
+  their elements) and rewrites all of it: chains flushed and refilled, sets and maps
+  re-created with all their elements, stale objects removed. Sets the kernel fills
+  itself (``dynamic``) keep their content.
+- A *partial* sync re-renders only the Services that changed and writes only the
+  difference to what the last sync committed, which is kept in memory: the kernel is
+  not listed. Both leave exactly the same ruleset.
+- Chains no longer needed are flushed at once and deleted in a later transaction, at
+  least ``STALE_CHAIN_DELAY`` later (older kernels keep a chain busy for a moment after
+  a map element that referenced it was deleted).
+- A plugin that raises, or a transaction nft rejects, leaves the kernel exactly as it
+  was and makes the next sync a full one.
+
+The engine knows no datapath feature: only objects, owners, scopes and transactions.
 """
 
 from __future__ import annotations
@@ -15,19 +28,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from .context import FAMILY_OF_VERSION, GLOBAL, SyncContext, is_kproxy_table, service_scope
 from .nft import Chain, Element, Flowtable, NftError, Rule, Set, Table, Transaction
 from .nft import values as v
 from .pluginmanager import PluginError, call_order
+from .ruleset import Ruleset, diff
 
 log = logging.getLogger("kproxy.engine")
-
-MAIN_TABLE = "kproxy"
-TABLE_PREFIX = "kproxy-"  # tables of plugins
-FAMILY_OF_VERSION = {4: "ip", 6: "ip6"}
-
-
-def is_kproxy_table(name: str) -> bool:
-    return name == MAIN_TABLE or name.startswith(TABLE_PREFIX)
+STALE_CHAIN_DELAY = 1.0
 
 
 @dataclass
@@ -37,90 +45,11 @@ class SyncResult:
     error: str | None = None
     failed_plugin: str | None = None
     duration: float = 0.0
+    render_seconds: float = 0.0
+    apply_seconds: float = 0.0
     transaction: Transaction | None = None
+    changed_services: int = 0
     plugin_seconds: dict[str, float] = field(default_factory=dict)
-
-
-class SyncContext:
-    """What a sync's hooks see: the state, the config, and the objects being declared."""
-
-    def __init__(self, app, state, full: bool):
-        self.app = app
-        self.config = app.config
-        self.state = state
-        self.full = full
-        self.plugin: str | None = None  # the plugin whose hook is running
-        self.objects: dict[tuple, object] = {}  # key -> Table/Chain/Set/Flowtable, in declaration order
-        self.owners: dict[tuple, str] = {}
-        self.elements: dict[tuple, dict[str, Element]] = {}  # set key -> element key -> Element
-        self.element_owners: dict[tuple, str] = {}
-        self.rules: dict[tuple, list[Rule]] = {}  # chain key -> rules
-        self.plugin_data: dict = {}  # scratch space for plugins, alive for this sync only
-        self._main = {ver: Table(fam, MAIN_TABLE, "kproxy service proxy rules") for ver, fam in FAMILY_OF_VERSION.items()}
-
-    # -- for plugins --------------------------------------------------------------------
-    def table(self, version: int) -> Table:
-        """kproxy's main table for IP version 4 or 6 (``ip kproxy`` / ``ip6 kproxy``)."""
-        return self._main[version]
-
-    def family(self, version: int) -> str:
-        return FAMILY_OF_VERSION[version]
-
-    def declare(self, obj: Table | Chain | Set | Flowtable):
-        """Declare an object owned by the calling plugin; returns it."""
-        if isinstance(obj, Table) and obj.table_key not in {t.table_key for t in self._main.values()} and not obj.name.startswith(TABLE_PREFIX):
-            raise PluginError(f"plugin {self.plugin}: table name {obj.name!r} must start with {TABLE_PREFIX!r}")
-        if not isinstance(obj, Table) and obj.table_key not in self._declared_tables():
-            main = {t.table_key for t in self._main.values()}
-            if obj.table_key not in main:
-                raise PluginError(f"plugin {self.plugin}: {obj.ref()} is in a table nobody declared")
-        owner = self.owners.get(obj.key)
-        if owner is not None:
-            if owner == self.plugin and self.objects[obj.key] == obj:
-                return obj
-            raise PluginError(f"plugin {self.plugin} declares {obj.ref()}, which plugin {owner} already declared")
-        self.objects[obj.key] = obj
-        self.owners[obj.key] = self.plugin
-        return obj
-
-    def add_element(self, s: Set, key: str, value: str | None = None, comment: str | None = None) -> None:
-        """Add an element to a declared set or map (key/value rendered with ``values``)."""
-        el = Element(s.family, s.table, s.name, key, value, comment)
-        elems = self.elements.setdefault(s.key, {})
-        old = elems.get(key)
-        if old is not None and old.value != value:
-            raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} already maps to {old.value} "
-                              f"(added by {self.element_owners.get((s.key, key))})")
-        elems[key] = el
-        self.element_owners[(s.key, key)] = self.plugin
-
-    def chains(self) -> list[Chain]:
-        return [o for o in self.objects.values() if isinstance(o, Chain)]
-
-    def owner(self, obj) -> str | None:
-        """The plugin that declared ``obj``."""
-        return self.owners.get(obj.key)
-
-    def owns(self, obj) -> bool:
-        """Whether the calling plugin declared ``obj``."""
-        return self.plugin is not None and self.owners.get(obj.key) == self.plugin
-
-    # -- for the engine -----------------------------------------------------------------
-    def _declared_tables(self):
-        return {o.table_key for o in self.objects.values() if isinstance(o, Table)}
-
-    def tables(self) -> list[Table]:
-        main_used = {o.table_key for o in self.objects.values()}
-        tables = [t for t in self._main.values() if t.table_key in main_used]
-        return tables + [o for o in self.objects.values() if isinstance(o, Table) and o not in tables]
-
-    def check(self) -> None:
-        """Cross-plugin consistency: every element's set must have been declared."""
-        for set_key, elems in self.elements.items():
-            if set_key not in self.objects:
-                some = next(iter(elems))
-                raise PluginError(f"plugin {self.element_owners[(set_key, some)]}: element {some} added to "
-                                  f"undeclared set {set_key[3]}")
 
 
 def _as_rule(chain: Chain, item, owner: str) -> Rule:
@@ -128,93 +57,296 @@ def _as_rule(chain: Chain, item, owner: str) -> Rule:
     return Rule(chain.family, chain.table, chain.name, text, comment, owner=owner)
 
 
+def _element(set_key, key, value_comment) -> Element:
+    _, family, table, name = set_key
+    return Element(family, table, name, key, value_comment[0], value_comment[1])
+
+
+@dataclass
+class Plan:
+    """A rendered sync: the new committed state (if applied) and the transaction."""
+
+    txn: Transaction
+    commit: callable
+    ctx: SyncContext
+
+
 class Engine:
     """Renders and applies syncs for an ``App`` (its plugin manager, backend and state)."""
 
-    def __init__(self, app):
+    def __init__(self, app, clock=time.monotonic):
         self.app = app
+        self.clock = clock
         self.needs_full = True
+        self.committed = Ruleset()
+        self.stale_chains: dict[tuple, tuple[Chain, float]] = {}  # flushed, to delete later
         self.last_context: SyncContext | None = None
 
-    def render(self, state, full: bool = True) -> tuple[SyncContext, dict[str, float]]:
-        """Run the render hooks; returns the context holding every object and rule."""
-        pm = self.app.pm
-        ctx = SyncContext(self.app, state, full)
-        seconds: dict[str, float] = {}
+    # -- rendering ----------------------------------------------------------------------
+    def _call(self, sync_ctx, hook, seconds, **kw):
+        ctx = sync_ctx
+        for name, fn in call_order(self.app.pm, hook):
+            ctx.plugin = name
+            t0 = time.perf_counter()
+            try:
+                yield name, fn(**kw)
+            except PluginError:
+                raise
+            except Exception as e:
+                raise PluginError(f"plugin {name} raised in {hook}: {type(e).__name__}: {e}", plugin=name) from e
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+                ctx.plugin = None
 
-        def call(hook, **kw):
-            for name, fn in call_order(pm, hook):
-                ctx.plugin = name
-                t0 = time.perf_counter()
-                try:
-                    yield name, fn(**kw)
-                except PluginError:
-                    raise
-                except Exception as e:
-                    raise PluginError(f"plugin {name} raised in {hook}: {type(e).__name__}: {e}") from e
-                finally:
-                    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-                    ctx.plugin = None
-
-        for _ in call("kproxy_pre_render", ctx=ctx):
+    def render(self, state, full: bool = True, changed: set | None = None, seconds: dict | None = None) -> tuple[SyncContext, dict]:
+        """Run ``kproxy_pre_render`` and merge with the carried-over scopes; returns the
+        context and the object changes. Chains are rendered by ``render_rules``."""
+        seconds = {} if seconds is None else seconds
+        ctx = SyncContext(self.app, state, full, changed)
+        ctx.plugin = "kproxy"  # the main tables belong to kproxy itself
+        for version in FAMILY_OF_VERSION:
+            ctx.declare(ctx.table(version))
+        ctx.plugin = None
+        for _ in self._call(ctx, "kproxy_pre_render", seconds, ctx=ctx):
             pass
-        ctx.check()
-        for chain in ctx.chains():
-            rules = ctx.rules.setdefault(chain.key, [])
-            for name, out in call("kproxy_render_chain", ctx=ctx, chain=chain):
-                for item in out or ():
-                    try:
-                        rules.append(_as_rule(chain, item, name))
-                    except (ValueError, TypeError) as e:
-                        raise PluginError(f"plugin {name}: bad rule for chain {chain.name}: {e}") from e
         return ctx, seconds
 
-    def transaction(self, ctx: SyncContext, stale_tables=()) -> Transaction:
-        """The transaction that replaces every kproxy table with the declared content.
+    def render_rules(self, ctx: SyncContext, seconds: dict) -> dict[tuple, tuple[Rule, ...]]:
+        rules = {}
+        for chain in ctx.chains():
+            out = []
+            for name, result in self._call(ctx, "kproxy_render_chain", seconds, ctx=ctx, chain=chain):
+                for item in result or ():
+                    try:
+                        out.append(_as_rule(chain, item, name))
+                    except (ValueError, TypeError) as e:
+                        raise PluginError(f"plugin {name}: bad rule for chain {chain.name}: {e}") from e
+            rules[chain.key] = tuple(out)
+        return rules
 
-        Each table is added, deleted and added again within the one transaction, so the
-        kernel switches from the old ruleset to the new one atomically and nothing stale
-        survives.
-        """
+    # -- planning -----------------------------------------------------------------------
+    def plan(self, state, full: bool, changed: set | None = None, seconds: dict | None = None) -> Plan:
+        """Render a sync and compute its transaction (nothing is applied)."""
+        seconds = {} if seconds is None else seconds
+        ctx, _ = self.render(state, full, changed, seconds)
+        base = Ruleset() if full else self.committed
+        old_scopes = base.scopes
+        if full:
+            replaced = set(ctx.decls)
+        else:
+            replaced = {GLOBAL} | {service_scope(k) for k in ctx.changed} | set(ctx.decls)
+        old_objs = {s: old_scopes[s].objects for s in replaced if s in old_scopes}
+        new_objs = {s: d.objects for s, d in ctx.decls.items()}
+        obj_changes = diff(base.objects, replaced, old_objs, new_objs)
+        for ch in obj_changes:
+            if ch.conflict:
+                owners = sorted({val[1] for val in ch.entries.values()})
+                what = next(iter(ch.entries.values()))[0].ref()
+                if len(owners) > 1:
+                    raise PluginError(f"plugin {owners[1]} declares {what}, which plugin {owners[0]} already declared")
+                raise PluginError(f"plugin {owners[0]} declares {what} in two different ways")
+        objects = base.object_view()
+        for ch in obj_changes:
+            if ch.after is None:
+                objects.pop(ch.key, None)
+            else:
+                objects[ch.key] = ch.after
+        ctx.objects = {k: o for k, (o, _) in objects.items()}
+        ctx.owners = {k: owner for k, (_, owner) in objects.items()}
+        for key, (obj, owner) in objects.items():
+            if not isinstance(obj, Table) and obj.table_key not in self._tables(objects):
+                raise PluginError(f"plugin {owner}: {obj.ref()} is in a table nobody declared")
+        old_els = {s: old_scopes[s].elements for s in replaced if s in old_scopes}
+        new_els = {s: d.elements for s, d in ctx.decls.items()}
+        el_changes = diff(base.elements, replaced, old_els, new_els)
+        for ch in el_changes:
+            set_key = ch.key[0]
+            if set_key not in objects:
+                owner = next(iter(ch.entries.values()))[2] if ch.entries else "?"
+                if ch.after is not None:
+                    raise PluginError(f"plugin {owner}: element {ch.key[1]} added to undeclared set {set_key[3]}")
+            if ch.conflict:
+                log.warning("element %s of %s is wanted with different values; using %s",
+                            ch.key[1], set_key[3], ch.after[0])
+        rules = self.render_rules(ctx, seconds)
+
+        if full:
+            txn = self._full_transaction(ctx, objects, el_changes, rules)
+        else:
+            txn = self._partial_transaction(ctx, objects, obj_changes, el_changes, rules)
+
+        def commit():
+            new = Ruleset() if full else self.committed
+            for s in replaced:
+                if s in ctx.decls:
+                    new.scopes[s] = ctx.decls[s]
+                else:
+                    new.scopes.pop(s, None)
+            for ch in obj_changes:
+                new.objects.set_entries(ch.key, ch.entries)
+            for ch in el_changes:
+                new.elements.set_entries(ch.key, ch.entries)
+            new.rules = rules
+            self.committed = new
+
+        return Plan(txn, commit, ctx)
+
+    @staticmethod
+    def _tables(objects) -> set:
+        return {o.table_key for o, _ in objects.values() if isinstance(o, Table)}
+
+    def _full_transaction(self, ctx, objects, el_changes, rules) -> Transaction:
+        backend = self.app.backend
+        wanted_tables = self._tables(objects)
+        kernel = {t: backend.list_objects(*t) for t in backend.list_tables() if is_kproxy_table(t[1])}
         txn = Transaction()
-        for fam, name in stale_tables:
-            txn.delete(Table(fam, name))
-        for table in ctx.tables():
-            txn.add(Table(table.family, table.name)).delete(Table(table.family, table.name)).add(table)
-        kinds = (Chain, Set, Flowtable)
-        for kind in kinds:
-            for obj in ctx.objects.values():
-                if isinstance(obj, kind):
-                    txn.add(obj)
-        for elems in ctx.elements.values():
-            for el in elems.values():
-                txn.add(el)
-        for rules in ctx.rules.values():
-            for r in rules:
+        by_kind = {kind: [o for o, _ in objects.values() if isinstance(o, kind)] for kind in (Table, Chain, Set, Flowtable)}
+        for t in by_kind[Table]:
+            txn.add(t)
+        wanted = set(objects)
+        for tkey, listing in kernel.items():
+            if tkey not in wanted_tables:
+                continue
+            fam, tname = tkey
+            for chain in listing.chains.values():
+                txn.flush(Chain(fam, tname, chain.name))
+            for chain in listing.chains.values():
+                if chain.is_base:  # re-created below with the wanted type, hook and priority
+                    txn.delete(Chain(fam, tname, chain.name))
+                elif chain.key not in wanted:
+                    self.stale_chains[chain.key] = (chain, self.clock())
+            for s in listing.sets.values():
+                keep = "dynamic" in s.flags and s.key in wanted
+                if not keep:
+                    txn.delete(Set(fam, tname, s.name, s.key_type, s.value_type))
+            for ft in listing.flowtables.values():
+                if ft.key not in wanted:
+                    txn.delete(Flowtable(fam, tname, ft.name))
+        for c in by_kind[Chain]:
+            self.stale_chains.pop(c.key, None)
+            txn.add(c)
+        for s in by_kind[Set]:
+            txn.add(s)
+        for f in by_kind[Flowtable]:
+            txn.add(f)
+        for ch in el_changes:
+            if ch.after is not None:
+                txn.add(_element(ch.key[0], ch.key[1], ch.after))
+        for chain_rules in rules.values():
+            for r in chain_rules:
                 txn.add(r)
+        for tkey in kernel:
+            if tkey not in wanted_tables and tkey not in ctx.kept_tables:
+                txn.delete(Table(*tkey))
         return txn
 
-    def sync(self, full: bool | None = None) -> SyncResult:
+    def _partial_transaction(self, ctx, objects, obj_changes, el_changes, rules) -> Transaction:
+        txn = Transaction()
+        recreated_sets = set()
+        removed_chains, removed_sets, removed_tables = [], [], []
+        order = (Table, Chain, Set, Flowtable)
+        for kind in order:
+            for ch in obj_changes:
+                before = ch.before[0] if ch.before else None
+                after = ch.after[0] if ch.after else None
+                obj = after or before
+                if not isinstance(obj, kind) or before == after:
+                    continue
+                if after is None:
+                    {Table: removed_tables, Chain: removed_chains, Set: removed_sets,
+                     Flowtable: removed_sets}[kind].append(before)
+                    continue
+                if before is not None and kind is not Table:  # spec changed: re-create
+                    if kind is Chain:
+                        txn.flush(before).delete(before)
+                    else:
+                        txn.delete(before)
+                        if kind is Set:
+                            recreated_sets.add(after.key)
+                if kind is Chain:
+                    self.stale_chains.pop(after.key, None)
+                txn.add(after)
+        old_rules = self.committed.rules
+        for key, chain_rules in rules.items():
+            if old_rules.get(key) != chain_rules:
+                chain = ctx.objects[key]
+                if key in old_rules:
+                    txn.flush(chain)
+                for r in chain_rules:
+                    txn.add(r)
+        removed_set_keys = {s.key for s in removed_sets}
+        for ch in el_changes:
+            set_key = ch.key[0]
+            if set_key in removed_set_keys or set_key in recreated_sets:
+                continue
+            if ch.before is not None and (ch.after is None or ch.after[0] != ch.before[0]):
+                txn.delete(_element(set_key, ch.key[1], ch.before))
+        for ch in el_changes:
+            if ch.key[0] in recreated_sets:
+                continue
+            if ch.after is not None and (ch.before is None or ch.after[0] != ch.before[0]):
+                txn.add(_element(ch.key[0], ch.key[1], ch.after))
+        for set_key in recreated_sets:
+            changed = {c.key[1]: c for c in el_changes if c.key[0] == set_key}
+            keys = {k for k, _ in self.committed.elements_of(set_key)} | set(changed)
+            for k in keys:
+                val = changed[k].after if k in changed else self.committed.elements.get((set_key, k))
+                if val is not None:
+                    txn.add(_element(set_key, k, val))
+        for s in removed_sets:
+            txn.delete(s)
+        for c in removed_chains:
+            txn.flush(c)
+            self.stale_chains[c.key] = (c, self.clock())
+        for t in removed_tables:
+            txn.delete(t)
+        return txn
+
+    # -- applying -----------------------------------------------------------------------
+    def delete_stale_chains(self) -> None:
+        """Delete chains flushed at least STALE_CHAIN_DELAY ago, in their own transaction."""
+        now = self.clock()
+        due = [(k, c) for k, (c, t) in self.stale_chains.items() if now - t >= STALE_CHAIN_DELAY]
+        if not due:
+            return
+        txn = Transaction()
+        for _, c in due:
+            txn.delete(Chain(c.family, c.table, c.name))
+        try:
+            self.app.backend.apply(txn)
+        except NftError as e:
+            log.warning("could not delete stale chains (will retry in a full sync): %s", e)
+            self.needs_full = True
+        for k, _ in due:
+            self.stale_chains.pop(k, None)
+
+    def sync(self, full: bool | None = None, changed: set | None = None) -> SyncResult:
         """One sync of the current state into the kernel; never raises for plugin or nft
         failures (they are in the result, and the kernel keeps its previous rules)."""
         app = self.app
-        full = True  # partial syncs are not implemented yet: every sync rewrites kproxy's tables
+        full = bool(full or self.needs_full or changed is None)
         t0 = time.monotonic()
         state = app.state.snapshot()
-        result = SyncResult(ok=False, full=full)
-        ctx = None
+        result = SyncResult(ok=False, full=full, changed_services=len(changed or ()))
+        plan = None
+        if self.stale_chains and not full:
+            self.delete_stale_chains()
+            full = full or self.needs_full
+            result.full = full
         try:
-            ctx, result.plugin_seconds = self.render(state, full)
-            stale = [t for t in app.backend.list_tables() if is_kproxy_table(t[1]) and t not in {x.table_key for x in ctx.tables()}]
-            txn = self.transaction(ctx, stale)
-            result.transaction = txn
-            app.backend.apply(txn)
+            plan = self.plan(state, full, changed, result.plugin_seconds)
+            result.transaction = plan.txn
+            t1 = time.monotonic()
+            result.render_seconds = t1 - t0
+            app.backend.apply(plan.txn)
+            result.apply_seconds = time.monotonic() - t1
+            plan.commit()
             result.ok = True
             self.needs_full = False
-            self.last_context = ctx
+            self.last_context = plan.ctx
         except PluginError as e:
             result.error = str(e)
-            result.failed_plugin = str(e).split()[1] if str(e).startswith("plugin ") else None
+            result.failed_plugin = e.plugin
             log.error("sync aborted, kernel rules unchanged: %s", e)
         except NftError as e:
             result.error = f"nft rejected the transaction: {e}"
@@ -222,8 +354,33 @@ class Engine:
         result.duration = time.monotonic() - t0
         if not result.ok:
             self.needs_full = True
-        app.notify_post_apply(ctx or SyncContext(app, state, full), result)
+            if full:
+                self.stale_chains.clear()
+        app.notify_post_apply(plan.ctx if plan else SyncContext(app, state, full, changed), result)
         return result
+
+    def render_script(self, state) -> tuple[Transaction, SyncContext]:
+        """The complete transaction for ``state`` as a full sync into an empty namespace
+        would write it (for ``kproxy render``); the kernel is not touched."""
+        engine = Engine(self.app)
+        engine.app = _NoKernel(self.app)
+        plan = engine.plan(state, True)
+        return plan.txn, plan.ctx
+
+
+class _NoKernel:
+    """The app seen through a backend that reports an empty kernel."""
+
+    class _Empty:
+        def list_tables(self):
+            return []
+
+    def __init__(self, app):
+        self._app = app
+        self.backend = self._Empty()
+
+    def __getattr__(self, name):
+        return getattr(self._app, name)
 
 
 def cleanup(backend) -> list[tuple[str, str]]:

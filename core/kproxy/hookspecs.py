@@ -101,6 +101,17 @@ def kproxy_post_apply(ctx, result):
 
 
 @hookspec
+def kproxy_render_script(ctx):
+    """Return nft commands this plugin applies itself, outside the main transaction.
+
+    Called by ``kproxy render`` only, after the main transaction was rendered, so that
+    the printed script shows everything kproxy would program. A plugin that programs a
+    table of its own in its own transactions (declared with ``ctx.keep_table``) returns
+    that table's commands as a ``kproxy.nft.Transaction`` (or ``None``).
+    """
+
+
+@hookspec
 def kproxy_interface_change(app, links):
     """The node's network interfaces changed.
 

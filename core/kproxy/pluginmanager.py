@@ -25,12 +25,19 @@ from . import hookspecs
 
 GROUP = "kproxy"
 DEFAULTS_GROUP = "kproxy.defaults"
-# Hooks the engine calls one plugin at a time (no wrappers there).
+# Hooks the engine calls one plugin at a time. kproxy calls every other hook one plugin at
+# a time too (call_order), so no hook may have a wrapper implementation: it would never run.
 PER_PLUGIN_HOOKS = ("kproxy_pre_render", "kproxy_render_chain")
 
 
 class PluginError(Exception):
-    """A plugin could not be found, loaded or run; the message names it."""
+    """A plugin could not be found, loaded or run; the message names it, ``plugin`` too."""
+
+    def __init__(self, message: str, plugin: str | None = None):
+        super().__init__(message)
+        if plugin is None and message.startswith("plugin "):
+            plugin = message.split()[1].rstrip(":")
+        self.plugin = plugin
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,12 @@ def default_plugins() -> tuple[str, ...]:
     return tuple(value() if callable(value) else value)
 
 
-def _import(spec: str):
+def _import(spec: str, name: str | None = None):
     try:
         return importlib.import_module(spec)
     except Exception as e:
-        raise PluginError(f"plugin {spec}: cannot import: {type(e).__name__}: {e}") from e
+        what = f"{name}: cannot import {spec}" if name and name != spec else f"{spec}: cannot import"
+        raise PluginError(f"plugin {what}: {type(e).__name__}: {e}") from e
 
 
 def _importable(name: str) -> bool:
@@ -107,18 +115,21 @@ def load(pm: pluggy.PluginManager, names: list[str], installed: dict[str, Plugin
     modules = []
     for name in names:
         info = installed.get(name)
-        module = _import(info.module if info else name)
+        module = _import(info.module if info else name, name)
         modules.append((name, module))
     for name, module in reversed(modules):  # pluggy calls the last registered first
         try:
             pm.register(module, name=name)
         except Exception as e:
             raise PluginError(f"plugin {name}: cannot register: {e}") from e
-        for hook in PER_PLUGIN_HOOKS:
-            for impl in getattr(pm.hook, hook).get_hookimpls():
+        for caller in pm.get_hookcallers(module) or ():  # every hook is called one plugin at a time
+            for impl in caller.get_hookimpls():
                 if impl.plugin_name == name and (impl.hookwrapper or impl.wrapper):
-                    raise PluginError(f"plugin {name}: {hook} cannot be a wrapper")
-    pm.check_pending()
+                    raise PluginError(f"plugin {name}: {caller.name} cannot be a wrapper")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin {pm.get_name(e.plugin)}: {e}") from e
 
 
 def call_order(pm: pluggy.PluginManager, hook: str):

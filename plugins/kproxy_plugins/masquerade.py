@@ -32,12 +32,10 @@ def kproxy_pre_render(ctx):
         ctx.declare(Chain(fam, table, L.MASQUERADING))
         addr_t = v.addr_type(fam)
         hairpin = ctx.declare(Set(fam, table, L.HAIRPIN, f"{addr_t} . {addr_t}", comment="endpoint . endpoint"))
-        seen = set()
-        for svc in ctx.state.services.values():
-            for port in svc.ports:
-                for ep in ctx.state.service_endpoints(svc, port, version):
-                    if ep.ip not in seen:
-                        seen.add(ep.ip)
+        for svc in ctx.services():
+            with ctx.scope_of(svc):
+                for port in svc.ports:
+                    for ep in ctx.state.service_endpoints(svc, port, version):
                         addr = v.ip(ep.ip, version)
                         ctx.add_element(hairpin, f"{addr} . {addr}")
 

@@ -126,5 +126,5 @@ def test_failing_plugin_keeps_the_previous_rules(clean):
 def test_invalid_object_is_skipped_and_the_rest_programmed(clean):
     bad = service("bad", "172.30.0.300", [("http", "TCP", 80)])
     proc = clean.sync(demo_objects() + [bad])
-    assert "Service demo/bad: spec.clusterIPs[0]" in proc.stderr and "objects.yaml" in proc.stderr
+    assert "Service demo/bad: spec.clusterIP: invalid IP address" in proc.stderr and "objects.yaml" in proc.stderr
     assert set(answered_by(clean.client.probe(WEB, 80, count=20))) == {"pod-a", "pod-b"}

@@ -8,7 +8,10 @@ import shutil
 import subprocess
 
 from .errors import NftError
+from .objects import Chain, Flowtable, Listing, Set
 from .transaction import Transaction
+
+_SET_FLAGS = ("constant", "interval", "timeout", "dynamic")
 
 _LOCATION = re.compile(r"^(?:/dev/stdin|-):(\d+):[\d\-]+: Error: (.*)$")
 
@@ -51,6 +54,29 @@ class NftCLI:
             raise NftError(f"nft list tables failed: {proc.stderr.strip()}")
         items = json.loads(proc.stdout or '{"nftables": []}')["nftables"]
         return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
+
+    def list_objects(self, family: str, table: str) -> Listing:
+        """Chains, sets and flowtables of one table, without rules or elements
+        (``nft -j -t``: cheap even when the sets hold many elements)."""
+        proc = self._run(["-j", "-t", "list", "table", family, table])
+        if proc.returncode != 0:
+            raise NftError(f"nft list table {family} {table} failed: {proc.stderr.strip()}")
+        out = Listing()
+        for item in json.loads(proc.stdout)["nftables"]:
+            if "chain" in item:
+                c = item["chain"]
+                out.chains[c["name"]] = Chain(family, table, c["name"], c.get("type"), c.get("hook"), c.get("prio"))
+            elif "set" in item or "map" in item:
+                s = item.get("set") or item.get("map")
+                flags = tuple(f for f in s.get("flags", ()) if f in _SET_FLAGS)
+                out.sets[s["name"]] = Set(family, table, s["name"], str(s.get("type")),
+                                          str(s["map"]) if "map" in s else None, flags=flags)
+            elif "flowtable" in item:
+                f = item["flowtable"]
+                devs = f.get("dev", ())
+                out.flowtables[f["name"]] = Flowtable(family, table, f["name"],
+                                                      devices=tuple([devs] if isinstance(devs, str) else devs))
+        return out
 
     def list_ruleset(self, family: str | None = None, table: str | None = None) -> str:
         args = ["list", "table", family, table] if table else ["list", "ruleset"]

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import NftError
-from .objects import Chain, Element, Flowtable, Rule, Set, Table
+from .objects import Chain, Element, Flowtable, Listing, Rule, Set, Table
 from .transaction import Op, Transaction
 
 _CHAIN_REF = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][\w.\-]*)")
@@ -64,6 +64,12 @@ class FakeNft:
 
     def list_tables(self) -> list[tuple[str, str]]:
         return list(self.tables)
+
+    def list_objects(self, family: str, table: str) -> Listing:
+        t = self.tables.get((family, table))
+        if t is None:
+            raise NftError(f"No such file or directory: table {family} {table}")
+        return Listing(dict(t.chains), dict(t.sets), dict(t.flowtables))
 
     # -- inspection for tests ---------------------------------------------------------
     def rules(self, family: str, table: str, chain: str) -> list[str]:

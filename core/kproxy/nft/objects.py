@@ -249,3 +249,12 @@ class Flowtable:
     def spec(self) -> str:
         devs = f" devices = {{ {', '.join(self.devices)} }} ;" if self.devices else ""
         return f"{self.ref()} {{ hook {self.hook} priority {self.priority} ;{devs} }}"
+
+
+@dataclass
+class Listing:
+    """The objects of one table as the kernel has them (no rules, no elements)."""
+
+    chains: dict[str, Chain] = field(default_factory=dict)
+    sets: dict[str, Set] = field(default_factory=dict)
+    flowtables: dict[str, Flowtable] = field(default_factory=dict)

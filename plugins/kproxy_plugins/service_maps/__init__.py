@@ -95,26 +95,24 @@ class FamilyMaps:
         self.affinity = decl("affinity", f"{a} saddr . {a} daddr . meta l4proto . th dport", value, typeof=True,
                              flags=("dynamic", "timeout"), timeout=10800, comment="ClientIP session affinity")
         self.nodeport_ips = None
-        self.counts = {g: set() for g in GROUPS}  # endpoint counts in use per group
-        self.affinity_sets: dict[int, tuple[Set, Set]] = {}  # timeout -> (dest set, nodeport set)
         self._ctx = ctx
 
     def balance(self, group: str, key: str, endpoints) -> str:
-        """Add the backend elements of one destination; returns the verdict that reaches them."""
+        """Add the backend elements of one destination (and declare the chain that
+        balances over them); returns the verdict that reaches them."""
         n = len(endpoints)
-        self.counts[group].add(n)
+        self._ctx.declare(Chain(self.fam, self.table, f"{group}-{n}"))
         for i, ep in enumerate(endpoints):
             self._ctx.add_element(self.backends[group], f"{key} . {i}", f"{v.ip(ep.ip, self.version)} . {v.port(ep.port)}")
         return f"goto {group}-{n}"
 
     def affinity_for(self, timeout: int) -> tuple[Set, Set]:
-        if timeout not in self.affinity_sets:
-            t = v.addr_type(self.fam)
-            self.affinity_sets[timeout] = (
-                self._ctx.declare(Set(self.fam, self.table, f"affinity-{timeout}", f"{t} . inet_proto . inet_service")),
-                self._ctx.declare(Set(self.fam, self.table, f"affinity-nodeports-{timeout}", "inet_proto . inet_service")),
-            )
-        return self.affinity_sets[timeout]
+        """The sets of destinations whose affinity entries live ``timeout`` seconds."""
+        t = v.addr_type(self.fam)
+        return (
+            self._ctx.declare(Set(self.fam, self.table, f"affinity-{timeout}", f"{t} . inet_proto . inet_service")),
+            self._ctx.declare(Set(self.fam, self.table, f"affinity-nodeports-{timeout}", "inet_proto . inet_service")),
+        )
 
 
 def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node_ip: str | None):
@@ -207,12 +205,10 @@ def kproxy_pre_render(ctx):
             for ip in np_ips:
                 ctx.add_element(m.nodeport_ips, v.ip(ip, version))
         node_ip = state.node.primary_ip(version) if state.node else None
-        for svc in state.services.values():
-            for port in svc.ports:
-                _program_port(ctx, m, svc, port, node_name, zone, node_ip)
-        for group, counts in m.counts.items():
-            for n in sorted(counts):
-                ctx.declare(Chain(fam, table, f"{group}-{n}"))
+        for svc in ctx.services():
+            with ctx.scope_of(svc):
+                for port in svc.ports:
+                    _program_port(ctx, m, svc, port, node_name, zone, node_ip)
 
 
 def _rules(ctx, chain) -> list | None:
@@ -259,9 +255,11 @@ def _rules(ctx, chain) -> list | None:
                   (f"fib saddr type local {key} vmap @{prefix}cluster-dispatch", "short-circuit local traffic"),
                   f"{key} vmap @{prefix}local-dispatch"]
         return rules
+    timeouts = sorted(int(s.name.rsplit("-", 1)[1]) for s in ctx.declared(Set)
+                      if s.family == chain.family and s.name.startswith("affinity-") and s.name[9:].isdigit())
     if name == "affinity-record":
         rules = []
-        for timeout in sorted(m.affinity_sets):
+        for timeout in timeouts:
             for proto in PROTOS:
                 record = (f"update @affinity {{ {a} saddr . ct original {a} daddr . meta l4proto . ct original proto-dst "
                           f"timeout {timeout}s : {a} daddr . th dport }}")
@@ -273,7 +271,7 @@ def _rules(ctx, chain) -> list | None:
     group, _, n = name.rpartition("-")
     if group in GROUPS and n.isdigit():
         key = dest if not group.startswith("nodeport") else "meta l4proto . th dport"
-        rules = [f"dnat {a} to {a} saddr . {a} daddr . meta l4proto . th dport map @affinity"] if m.affinity_sets else []
+        rules = [f"dnat {a} to {a} saddr . {a} daddr . meta l4proto . th dport map @affinity"] if timeouts else []
         rules.append(f"dnat {a} to {key} . numgen random mod {n} map @{group}-backends")
         return rules
     return None

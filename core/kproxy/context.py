@@ -1,0 +1,126 @@
+"""What a sync's hooks see and fill in: the state, and the objects being declared.
+
+Declarations are grouped in *scopes*. Everything a plugin declares for one Service
+(inside ``with ctx.scope_of(service):``) belongs to that Service's scope; everything
+else to the global scope. On a partial sync plugins render only ``ctx.services()`` (the
+Services that changed) and the engine carries the scopes of all other Services over
+from the last sync, so a sync costs what changed, not what exists. A plugin that
+ignores scopes still works: its objects are global and re-declared on every sync.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .nft import Chain, Flowtable, Set, Table
+from .pluginmanager import PluginError
+
+MAIN_TABLE = "kproxy"
+TABLE_PREFIX = "kproxy-"  # tables of plugins
+FAMILY_OF_VERSION = {4: "ip", 6: "ip6"}
+GLOBAL = ()  # the scope of objects that belong to no Service
+
+
+def is_kproxy_table(name: str) -> bool:
+    return name == MAIN_TABLE or name.startswith(TABLE_PREFIX)
+
+
+def service_scope(key: tuple[str, str]) -> tuple:
+    return ("service", *key)
+
+
+@dataclass
+class Declarations:
+    """What one scope declared: objects by key, and elements as
+    (set key, element key) -> (value, comment)."""
+
+    objects: dict = field(default_factory=dict)  # key -> (obj, owner)
+    elements: dict = field(default_factory=dict)  # (set key, element key) -> (value, comment, owner)
+
+
+class SyncContext:
+    def __init__(self, app, state, full: bool, changed: set | None = None):
+        self.app = app
+        self.config = app.config
+        self.state = state
+        self.full = full
+        self.changed = None if full else set(changed or ())  # Service keys re-rendered in a partial sync
+        self.plugin: str | None = None  # the plugin whose hook is running
+        self.plugin_data: dict = {}  # scratch space for plugins, alive for this sync only
+        self.decls: dict[tuple, Declarations] = {GLOBAL: Declarations()}
+        self.kept_tables: set[tuple[str, str]] = set()
+        self.owners: dict = {}  # object key -> owner, for every object of this sync (set by the engine)
+        self.objects: dict = {}  # object key -> object, every object of this sync (set by the engine)
+        self._scope = GLOBAL
+        self._declared_here: dict = {}  # object key -> owner, for objects declared in this sync
+        self._main = {ver: Table(fam, MAIN_TABLE, "kproxy service proxy rules") for ver, fam in FAMILY_OF_VERSION.items()}
+
+    # -- for plugins --------------------------------------------------------------------
+    def table(self, version: int) -> Table:
+        """kproxy's main table for IP version 4 or 6 (``ip kproxy`` / ``ip6 kproxy``)."""
+        return self._main[version]
+
+    def family(self, version: int) -> str:
+        return FAMILY_OF_VERSION[version]
+
+    def services(self):
+        """The Services to render in this sync: all of them on a full sync, the changed
+        ones (that still exist) on a partial sync."""
+        if self.changed is None:
+            return list(self.state.services.values())
+        return [self.state.services[k] for k in sorted(self.changed) if k in self.state.services]
+
+    @contextmanager
+    def scope_of(self, service):
+        """Attribute what is declared inside to ``service`` (a model.Service)."""
+        prev, self._scope = self._scope, service_scope(service.key)
+        self.decls.setdefault(self._scope, Declarations())
+        try:
+            yield
+        finally:
+            self._scope = prev
+
+    def declare(self, obj: Table | Chain | Set | Flowtable):
+        """Declare an object owned by the calling plugin; returns it."""
+        main = {t.table_key for t in self._main.values()}
+        if isinstance(obj, Table):
+            if obj.table_key not in main and not obj.name.startswith(TABLE_PREFIX):
+                raise PluginError(f"plugin {self.plugin}: table name {obj.name!r} must start with {TABLE_PREFIX!r}")
+        elif obj.table_key not in main and not obj.table.startswith(TABLE_PREFIX):
+            raise PluginError(f"plugin {self.plugin}: {obj.ref()} is not in a kproxy table")
+        owner = self._declared_here.get(obj.key)
+        if owner is not None and owner != self.plugin:
+            raise PluginError(f"plugin {self.plugin} declares {obj.ref()}, which plugin {owner} already declared")
+        self._declared_here[obj.key] = self.plugin
+        self.decls[self._scope].objects[obj.key] = (obj, self.plugin)
+        return obj
+
+    def add_element(self, s: Set, key: str, value: str | None = None, comment: str | None = None) -> None:
+        """Add an element to a set or map (key and value rendered with ``nft.values``)."""
+        elems = self.decls[self._scope].elements
+        old = elems.get((s.key, key))
+        if old is not None and old[0] != value:
+            raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} maps to {value}, but plugin {old[2]} "
+                              f"already mapped it to {old[0]}", plugin=self.plugin)
+        elems[(s.key, key)] = (value, comment, self.plugin)
+
+    def keep_table(self, table: Table) -> None:
+        """Tell the engine the calling plugin programs ``table`` itself (in its own
+        transactions), so a full sync must not remove it as stale."""
+        self.kept_tables.add(table.table_key)
+
+    def owner(self, obj) -> str | None:
+        """The plugin that declared ``obj``."""
+        return self.owners.get(obj.key)
+
+    def owns(self, obj) -> bool:
+        """Whether the calling plugin declared ``obj``."""
+        return self.plugin is not None and self.owners.get(obj.key) == self.plugin
+
+    def declared(self, kind=None) -> list:
+        """Every object of this sync (of one class, e.g. ``Set``), carried-over scopes included."""
+        return [o for o in self.objects.values() if kind is None or isinstance(o, kind)]
+
+    def chains(self) -> list[Chain]:
+        return self.declared(Chain)
