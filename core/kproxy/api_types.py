@@ -113,9 +113,15 @@ class NodeAddress(Struct, frozen=True):
     address: str = ""
 
 
+class Taint(Struct, frozen=True):
+    key: str = ""
+    effect: str = ""
+
+
 class NodeSpec(Struct, frozen=True):
     pod_cidr: str = field(default="", name="podCIDR")
     pod_cidrs: list[str] = field(default_factory=list, name="podCIDRs")
+    taints: list[Taint] = []
 
 
 class NodeStatus(Struct, frozen=True):

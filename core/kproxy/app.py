@@ -15,12 +15,13 @@ from prometheus_client import CollectorRegistry
 from . import pluginmanager as plugins
 from .config import Config, ConfigError
 from .engine import Engine, SyncResult
+from .health import ProxyHealth
+from .metrics import SyncMetrics
 from .options import Option, OptionRegistry
+from .runner import Schedule
 from .state import ClusterState
 
 log = logging.getLogger("kproxy")
-
-FULL_SYNC_PERIOD = 3600.0
 
 
 def collect_options(pm) -> list[Option]:
@@ -41,6 +42,7 @@ class App:
         self.state = ClusterState(node_name=config.node_name)
         self.engine = Engine(self)
         self.last_result: SyncResult | None = None
+        self.config_warnings: list[str] = []
         self._options = self._resolve_options(cli_options or {})
         self._wake = threading.Condition()
         self._pending = False
@@ -52,6 +54,8 @@ class App:
         self.sources_synced = threading.Event()
         # every metric of this process, kproxy's and the plugins' (served on /metrics)
         self.metrics = CollectorRegistry(auto_describe=True)
+        self.sync_metrics = SyncMetrics(self.metrics)
+        self.health = ProxyHealth(timeout=2 * config.sync_period)
 
     @classmethod
     def from_config(cls, config: Config, backend, enable=(), disable=(), cli_options=None) -> "App":
@@ -67,9 +71,13 @@ class App:
     def _resolve_options(self, cli: dict) -> dict[str, dict]:
         values: dict[str, dict] = {}
         registered = collect_options(self.pm)
+        installed = plugins.discover()
         for plugin, conf in self.config.plugin_config.items():
             if self.pm.get_plugin(plugin) is None:
-                continue  # options of a plugin that is not enabled
+                if plugin not in installed:
+                    raise ConfigError(f"kproxy.{plugin}: there is no plugin named {plugin!r}; "
+                                      f"installed plugins: {', '.join(sorted(installed)) or '(none)'}")
+                continue  # options of an installed plugin that is not enabled
             names = {o.name for o in registered if o.plugin == plugin}
             for key in conf:
                 if key not in names:
@@ -84,6 +92,10 @@ class App:
             if (opt.plugin, opt.name) in cli:
                 val = opt.parse(cli[(opt.plugin, opt.name)])
             values.setdefault(opt.plugin, {})[opt.name] = val
+        claimed = {o.kube_proxy_field for o in registered if o.kube_proxy_field}
+        for name in sorted(set(self.config.kube_proxy_extra) - claimed):
+            self.config_warnings.append(f"warning: config field nftables.{name} is not supported by kproxy "
+                                        f"or its enabled plugins and is ignored")
         return values
 
     def options(self, plugin: str) -> dict:
@@ -112,6 +124,8 @@ class App:
     # -- API for plugins ----------------------------------------------------------------
     def request_sync(self, full: bool = False) -> None:
         """Ask for a sync soon (coalesced; at most one per minSyncPeriod)."""
+        self.health.queued()
+        self.sync_metrics.queued()
         with self._wake:
             self._pending = True
             self._pending_full = self._pending_full or full
@@ -135,39 +149,39 @@ class App:
     # -- running ------------------------------------------------------------------------
     def sync(self, full: bool = False) -> SyncResult:
         """Sync what changed since the last sync (everything when ``full``)."""
-        changed, everything = self.state.take_changes()
-        self.last_result = self.engine.sync(full or everything, changed)
-        return self.last_result
+        changes = self.state.take_changes()
+        result = self.engine.sync(full or changes.everything, changes.services)
+        self.sync_metrics.changes(changes.service_events, changes.endpoint_events, *self.state.pending())
+        self.sync_metrics.synced(result, changes.first_seen)
+        if result.ok:
+            self.health.updated()
+        self.last_result = result
+        return result
 
     def stop(self) -> None:
         self._stop.set()
         with self._wake:
             self._wake.notify()
 
-    def run_forever(self) -> None:
-        """Sync on request, at most once per minSyncPeriod; retry failures after
-        syncPeriod; a full sync at least every hour."""
+    def run_forever(self, clock=time.monotonic) -> None:
+        """Sync on request as the ``runner.Schedule`` says, until ``stop()``."""
         cfg = self.config
-        last_end = 0.0
-        last_full = 0.0
+        schedule = Schedule(cfg.min_sync_period, cfg.sync_period)
         while not self.sources_synced.wait(0.2):
             if self._stop.is_set():
                 return
         self.request_sync(full=True)
         while not self._stop.is_set():
-            failed = self.last_result is not None and not self.last_result.ok
             with self._wake:
-                deadline = (last_end + cfg.sync_period) if failed else (last_full + FULL_SYNC_PERIOD)
-                while not self._pending and not self._stop.is_set() and time.monotonic() < deadline:
-                    self._wake.wait(max(0.0, deadline - time.monotonic()))
-                if self._stop.is_set():
-                    return
-                full = self._pending_full or failed or not self._pending
-                self._pending = self._pending_full = False
-            gap = last_end + cfg.min_sync_period - time.monotonic()
-            if gap > 0 and self._stop.wait(gap):
-                return
-            result = self.sync(full)
-            last_end = time.monotonic()
-            if result.full and result.ok:
-                last_full = last_end
+                if self._pending:
+                    schedule.request(self._pending_full)
+                    self._pending = self._pending_full = False
+                decision = schedule.decide(clock())
+                if not decision.run:
+                    self._wake.wait(decision.wait)
+                    continue
+            schedule.started()
+            result = self.sync(decision.full)
+            schedule.done(clock(), result.ok, result.full)
+            if self.engine.stale_chains:
+                schedule.request()  # a later sync deletes the chains this one flushed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 
@@ -16,7 +15,9 @@ from . import pluginmanager as plugins
 from .app import App, collect_options
 from .config import Config, ConfigError
 from .engine import cleanup as cleanup_tables
+from .health import Servers
 from .nft import NftCLI, NftError
+from .sources import kube as kube_source
 from .sources import manifests as manifest_source
 
 log = logging.getLogger("kproxy")
@@ -38,6 +39,8 @@ CONFIG_FLAGS = [
 def _setup_logging(verbose: int):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("pyroute2", "asyncio", "urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(message: str, code: int = 2):
@@ -92,9 +95,13 @@ def config_options(f):
     return f
 
 
+_PLUGIN_PARAMS: dict[str, tuple[str, str]] = {}  # click parameter name -> (plugin, option)
+
+
 def plugin_options(f):
-    for opt in _discovered_options():
-        param = f"plugin_opt__{opt.plugin}__{opt.name}"
+    for i, opt in enumerate(_discovered_options()):
+        param = f"plugin_opt_{i}"
+        _PLUGIN_PARAMS[param] = (opt.plugin, opt.name)
         f = click.option(opt.flag, param, default=None, type=str if opt.type != "bool" else click.BOOL,
                          help=f"[{opt.plugin}] {opt.help} (default: {opt.default})")(f)
     return f
@@ -103,11 +110,10 @@ def plugin_options(f):
 def _split_flags(kw: dict):
     """Separate plugin options from the rest of the keyword arguments."""
     cli_opts = {}
-    for key in [k for k in kw if k.startswith("plugin_opt__")]:
+    for key in [k for k in kw if k in _PLUGIN_PARAMS]:
         value = kw.pop(key)
         if value is not None:
-            _, plugin, name = key.split("__", 2)
-            cli_opts[(plugin, name)] = value
+            cli_opts[_PLUGIN_PARAMS[key]] = value
     return cli_opts
 
 
@@ -118,6 +124,8 @@ def build_app(kw: dict, backend) -> App:
         app = App.from_config(cfg, backend, kw.get("enable", ()), kw.get("disable", ()), cli_opts)
     except (ConfigError, plugins.PluginError) as e:
         _fail(str(e))
+    for w in app.config_warnings:
+        _warn(w)
     return app
 
 
@@ -157,43 +165,55 @@ def cli():
 @click.option("--manifests", type=click.Path(), help="Read objects from YAML files (a file or a directory) instead of the API.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Watch the Kubernetes API with this kubeconfig.")
 @click.option("--once", is_flag=True, help="Sync once and exit (0 on success).")
+@click.option("--initial-sync-timeout", type=float, default=60.0, show_default=True,
+              help="With --once and the API: seconds to wait for the initial lists of Services and EndpointSlices.")
 @click.option("--dry-run", is_flag=True, help="Print each transaction instead of applying it.")
-def run(manifests, kubeconfig, once, dry_run, **kw):
+def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, **kw):
     """Program nftables for the Services of the cluster (or of --manifests) and keep them up to date."""
     _setup_logging(kw.pop("verbose"))
     real = NftCLI()
     if not dry_run and not real.available():
         _fail("the nft program is not installed (Debian/Ubuntu: apt-get install nftables)")
     app = build_app(kw, PrintBackend(real) if dry_run else real)
+    source = None
     if manifests:
         _load_manifests(app, manifests)
         app.sources_synced.set()
     else:
-        kubeconfig = kubeconfig or app.config.kubeconfig
-        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        default_kc = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-        if not (kubeconfig or in_cluster or os.path.exists(default_kc)):
-            _fail("no Kubernetes API configuration found (no --kubeconfig, no in-cluster service account, "
-                  "no ~/.kube/config); to program Services from files use --manifests PATH")
-        _fail("the Kubernetes API source is not implemented yet; use --manifests PATH")
+        try:
+            source = kube_source.KubeSource.from_kubeconfig(app, kubeconfig or app.config.kubeconfig or None)
+        except kube_source.KubeConfigError as e:
+            _fail(f"{e}; to program Services from files use --manifests PATH")
     try:
         app.configure()
     except plugins.PluginError as e:
         _fail(str(e), 1)
     try:
         if once:
+            if source is not None:
+                source.start()
+                if not source.wait_synced(initial_sync_timeout):
+                    _fail(f"the initial lists did not complete within {initial_sync_timeout:g}s: "
+                          f"{source.describe_pending()}", 1)
+                if not source.wait_all_listed(5.0):  # the own Node and the ServiceCIDRs, best effort
+                    _warn("the Node or ServiceCIDR list is not complete; syncing without it")
             result = app.sync(full=True)
             if not result.ok:
                 _fail(result.error, 1)
             return
-        watcher = manifest_source.ManifestWatcher(manifests, app).start()
+        watcher = source.start() if source is not None else manifest_source.ManifestWatcher(manifests, app).start()
+        servers = Servers(app)
+        servers.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: app.stop())
         log.info("kproxy %s running with plugins %s", __version__, ", ".join(app.enabled))
         app.run_forever()
         watcher.stop()
+        servers.stop()
         log.info("stopped; nftables rules left in place (use 'kproxy cleanup' to remove them)")
     finally:
+        if source is not None:
+            source.stop()
         app.unconfigure()
 
 

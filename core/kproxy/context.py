@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .nft import Chain, Flowtable, Set, Table
+from .nft.objects import check_element_text
 from .pluginmanager import PluginError
 
 MAIN_TABLE = "kproxy"
@@ -98,6 +99,9 @@ class SyncContext:
 
     def add_element(self, s: Set, key: str, value: str | None = None, comment: str | None = None) -> None:
         """Add an element to a set or map (key and value rendered with ``nft.values``)."""
+        check_element_text(key, s.name)
+        if value is not None:
+            check_element_text(value, s.name)
         elems = self.decls[self._scope].elements
         old = elems.get((s.key, key))
         if old is not None and old[0] != value:

@@ -25,16 +25,18 @@ The engine knows no datapath feature: only objects, owners, scopes and transacti
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
 from .context import FAMILY_OF_VERSION, GLOBAL, SyncContext, is_kproxy_table, service_scope
-from .nft import Chain, Element, Flowtable, NftError, Rule, Set, Table, Transaction
+from .nft import Chain, Element, Elements, Flowtable, NftError, Rule, Set, Table, Transaction
 from .nft import values as v
 from .pluginmanager import PluginError, call_order
 from .ruleset import Ruleset, diff
 
 log = logging.getLogger("kproxy.engine")
+_JUMP = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][\w.\-]*)")
 STALE_CHAIN_DELAY = 1.0
 
 
@@ -62,6 +64,17 @@ def _element(set_key, key, value_comment) -> Element:
     return Element(family, table, name, key, value_comment[0], value_comment[1])
 
 
+BATCH = 2000  # elements per nft command
+
+
+def _batched(txn: Transaction, verb: str, items_by_set: dict) -> None:
+    """Add/delete elements grouped per set, ``BATCH`` per command."""
+    for set_key, items in items_by_set.items():
+        _, family, table, name = set_key
+        for i in range(0, len(items), BATCH):
+            getattr(txn, verb)(Elements(family, table, name, tuple(items[i:i + BATCH])))
+
+
 @dataclass
 class Plan:
     """A rendered sync: the new committed state (if applied) and the transaction."""
@@ -69,6 +82,7 @@ class Plan:
     txn: Transaction
     commit: callable
     ctx: SyncContext
+    full: bool
 
 
 class Engine:
@@ -116,6 +130,8 @@ class Engine:
         for chain in ctx.chains():
             out = []
             for name, result in self._call(ctx, "kproxy_render_chain", seconds, ctx=ctx, chain=chain):
+                if isinstance(result, str):
+                    result = [result]
                 for item in result or ():
                     try:
                         out.append(_as_rule(chain, item, name))
@@ -140,11 +156,12 @@ class Engine:
         obj_changes = diff(base.objects, replaced, old_objs, new_objs)
         for ch in obj_changes:
             if ch.conflict:
-                owners = sorted({val[1] for val in ch.entries.values()})
-                what = next(iter(ch.entries.values()))[0].ref()
-                if len(owners) > 1:
-                    raise PluginError(f"plugin {owners[1]} declares {what}, which plugin {owners[0]} already declared")
-                raise PluginError(f"plugin {owners[0]} declares {what} in two different ways")
+                first = ch.after[1]
+                other = next(val[1] for val in ch.added.values() if val != ch.after)
+                what = ch.after[0].ref()
+                if other != first:
+                    raise PluginError(f"plugin {other} declares {what}, which plugin {first} already declared", plugin=other)
+                raise PluginError(f"plugin {first} declares {what} in two different ways", plugin=first)
         objects = base.object_view()
         for ch in obj_changes:
             if ch.after is None:
@@ -153,8 +170,9 @@ class Engine:
                 objects[ch.key] = ch.after
         ctx.objects = {k: o for k, (o, _) in objects.items()}
         ctx.owners = {k: owner for k, (_, owner) in objects.items()}
+        tables = self._tables(objects)
         for key, (obj, owner) in objects.items():
-            if not isinstance(obj, Table) and obj.table_key not in self._tables(objects):
+            if not isinstance(obj, Table) and obj.table_key not in tables:
                 raise PluginError(f"plugin {owner}: {obj.ref()} is in a table nobody declared")
         old_els = {s: old_scopes[s].elements for s in replaced if s in old_scopes}
         new_els = {s: d.elements for s, d in ctx.decls.items()}
@@ -162,13 +180,16 @@ class Engine:
         for ch in el_changes:
             set_key = ch.key[0]
             if set_key not in objects:
-                owner = next(iter(ch.entries.values()))[2] if ch.entries else "?"
+                owner = ch.after[2] if ch.after else "?"
                 if ch.after is not None:
                     raise PluginError(f"plugin {owner}: element {ch.key[1]} added to undeclared set {set_key[3]}")
             if ch.conflict:
                 log.warning("element %s of %s is wanted with different values; using %s",
                             ch.key[1], set_key[3], ch.after[0])
         rules = self.render_rules(ctx, seconds)
+        self._check_references(ctx, rules, el_changes)
+        if not full and self._structure_changed(obj_changes, rules):
+            return self.plan(state, True, None, seconds)
 
         if full:
             txn = self._full_transaction(ctx, objects, el_changes, rules)
@@ -183,13 +204,43 @@ class Engine:
                 else:
                     new.scopes.pop(s, None)
             for ch in obj_changes:
-                new.objects.set_entries(ch.key, ch.entries)
+                new.objects.apply(ch)
             for ch in el_changes:
-                new.elements.set_entries(ch.key, ch.entries)
+                new.elements.apply(ch)
             new.rules = rules
             self.committed = new
 
-        return Plan(txn, commit, ctx)
+        return Plan(txn, commit, ctx, full)
+
+    def _structure_changed(self, obj_changes, rules) -> bool:
+        """Whether a partial sync would add, remove or change a chain, set or rule.
+
+        Partial syncs only change elements; anything else is done by a full sync. nft
+        1.0.6 cannot add a rule that uses an existing ``typeof`` map whose value
+        concatenates an address and ``th dport`` ("conflicting protocols specified"),
+        while it can when the map is created in the same transaction; and the structure
+        changes rarely in a chain-light layout (a new endpoint count, a config change).
+        """
+        if any((ch.before and ch.before[0]) != (ch.after and ch.after[0]) for ch in obj_changes):
+            return True
+        return rules != self.committed.rules
+
+    @staticmethod
+    def _check_references(ctx, rules, el_changes) -> None:
+        """Every jump/goto of a rule or verdict element must name a declared chain of its
+        table (the kernel may still hold an old chain of that name, so it cannot tell)."""
+        def check(family, table, text, owner, where):
+            for target in _JUMP.findall(text or ""):
+                if ("chain", family, table, target) not in ctx.objects:
+                    raise PluginError(f"plugin {owner}: {where} jumps to chain {target}, which is not declared",
+                                      plugin=owner)
+        for chain_rules in rules.values():
+            for r in chain_rules:
+                check(r.family, r.table, r.text, r.owner, f"a rule in chain {r.chain}")
+        for ch in el_changes:
+            if ch.after is not None and ch.after[0]:
+                _, fam, table, name = ch.key[0]
+                check(fam, table, ch.after[0], ch.after[2], f"element {ch.key[1]} of {name}")
 
     @staticmethod
     def _tables(objects) -> set:
@@ -216,7 +267,9 @@ class Engine:
                 elif chain.key not in wanted:
                     self.stale_chains[chain.key] = (chain, self.clock())
             for s in listing.sets.values():
-                keep = "dynamic" in s.flags and s.key in wanted
+                # nft's JSON listing shows "dynamic" sets only as "timeout" ones; either
+                # way the kernel fills them (affinity, meters): keep their content
+                keep = bool({"dynamic", "timeout"} & set(s.flags)) and s.key in wanted
                 if not keep:
                     txn.delete(Set(fam, tname, s.name, s.key_type, s.value_type))
             for ft in listing.flowtables.values():
@@ -229,9 +282,11 @@ class Engine:
             txn.add(s)
         for f in by_kind[Flowtable]:
             txn.add(f)
+        adds: dict = {}
         for ch in el_changes:
             if ch.after is not None:
-                txn.add(_element(ch.key[0], ch.key[1], ch.after))
+                adds.setdefault(ch.key[0], []).append((ch.key[1], ch.after[0], ch.after[1]))
+        _batched(txn, "add", adds)
         for chain_rules in rules.values():
             for r in chain_rules:
                 txn.add(r)
@@ -275,17 +330,18 @@ class Engine:
                 for r in chain_rules:
                     txn.add(r)
         removed_set_keys = {s.key for s in removed_sets}
+        deletes: dict = {}
+        adds: dict = {}
         for ch in el_changes:
             set_key = ch.key[0]
             if set_key in removed_set_keys or set_key in recreated_sets:
                 continue
             if ch.before is not None and (ch.after is None or ch.after[0] != ch.before[0]):
-                txn.delete(_element(set_key, ch.key[1], ch.before))
-        for ch in el_changes:
-            if ch.key[0] in recreated_sets:
-                continue
+                deletes.setdefault(set_key, []).append((ch.key[1], None, None))
             if ch.after is not None and (ch.before is None or ch.after[0] != ch.before[0]):
-                txn.add(_element(ch.key[0], ch.key[1], ch.after))
+                adds.setdefault(set_key, []).append((ch.key[1], ch.after[0], ch.after[1]))
+        _batched(txn, "delete", deletes)
+        _batched(txn, "add", adds)
         for set_key in recreated_sets:
             changed = {c.key[1]: c for c in el_changes if c.key[0] == set_key}
             keys = {k for k, _ in self.committed.elements_of(set_key)} | set(changed)
@@ -335,6 +391,7 @@ class Engine:
             result.full = full
         try:
             plan = self.plan(state, full, changed, result.plugin_seconds)
+            result.full = full = plan.full
             result.transaction = plan.txn
             t1 = time.monotonic()
             result.render_seconds = t1 - t0

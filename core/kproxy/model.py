@@ -10,6 +10,8 @@ datapath feature.
 from __future__ import annotations
 
 import ipaddress
+import re
+import sys
 
 import msgspec
 from msgspec import Struct
@@ -104,6 +106,7 @@ class Node(Struct, frozen=True):
     labels: dict[str, str] = {}
     addresses: tuple[str, ...] = ()  # InternalIP first, then ExternalIP
     pod_cidrs: tuple[str, ...] = ()
+    deleting: bool = False  # being deleted, or tainted ToBeDeletedByClusterAutoscaler
 
     @property
     def zone(self) -> str:
@@ -137,7 +140,19 @@ def _ref(meta: api.Meta) -> str:
     return f"{meta.namespace}/{meta.name}" if meta.namespace else meta.name
 
 
+# A canonical dotted quad (no leading zeros), which ipaddress would return unchanged:
+# checked without building an address object, since 100k endpoints are checked at start.
+_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+
+
+def _intern(text: str) -> str:
+    """One shared copy of strings that repeat across 100k endpoints (node and zone names)."""
+    return sys.intern(text) if text else text
+
+
 def _ip(kind, ref, field, value) -> str:
+    if type(value) is str and _IPV4.fullmatch(value):
+        return value
     try:
         return str(ipaddress.ip_address(value))
     except (ValueError, TypeError):
@@ -254,12 +269,12 @@ def slice_from_raw(raw: api.EndpointSliceObj) -> EndpointSlice:
         hints = e.hints
         for j, a in enumerate(e.addresses[:1]):  # kube-proxy uses the first address only
             addr = _ip("EndpointSlice", ref, f"endpoints[{i}].addresses[{j}]", a)
-            if ipaddress.ip_address(addr).version != version:
+            if (6 if ":" in addr else 4) != version:  # addr is canonical
                 raise InvalidObject("EndpointSlice", ref, f"endpoints[{i}].addresses[{j}]", f"{a} is not an {raw.address_type} address")
             endpoints.append(Endpoint(
                 ip=addr,
                 ready=c.ready is not False, serving=c.serving is not False, terminating=c.terminating is True,
-                node_name=e.node_name, zone=e.zone,
+                node_name=_intern(e.node_name), zone=_intern(e.zone),
                 zone_hints=tuple(h.name for h in hints.for_zones) if hints and hints.for_zones is not None else None,
                 node_hints=tuple(h.name for h in hints.for_nodes) if hints and hints.for_nodes is not None else None,
             ))
@@ -284,10 +299,11 @@ def node_from_raw(raw: api.NodeObj) -> Node:
             ipaddress.ip_network(c)
         except ValueError:
             raise InvalidObject("Node", m.name, f"spec.podCIDRs[{i}]", f"invalid CIDR {c!r}") from None
+    deleting = m.deletion_timestamp is not None or any(t.key == "ToBeDeletedByClusterAutoscaler" for t in raw.spec.taints)
     return Node(
         name=m.name, labels=dict(m.labels),
         addresses=tuple(_ip("Node", m.name, f"status.addresses[{i}].address", a.address) for i, a in enumerate(addrs)),
-        pod_cidrs=tuple(cidrs),
+        pod_cidrs=tuple(cidrs), deleting=deleting,
     )
 
 

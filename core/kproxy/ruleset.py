@@ -12,18 +12,14 @@ from dataclasses import dataclass, field
 from .context import GLOBAL, Declarations
 
 
-def _effective(entries):
-    """The value that counts when several scopes contribute one key (the first scope)."""
-    if entries is None:
-        return None
-    if isinstance(entries, dict):
-        return entries[min(entries)]
-    return entries[1]
-
-
 class RefMap:
-    """key -> value contributed by one or more scopes. Stored compactly: a (scope, value)
-    pair in the common case of one scope, a dict when there are several."""
+    """key -> value contributed by one or more scopes.
+
+    The value that counts is the one of the scope that contributed first (scopes that
+    disagree are a plugin conflict, logged by the engine). Stored compactly: a (scope,
+    value) pair in the common case of one scope, else [value, {scope: value}], so that a
+    chain declared by 10,000 Services costs O(1) per change, not O(10,000).
+    """
 
     def __init__(self):
         self.data: dict = {}
@@ -32,61 +28,83 @@ class RefMap:
         return len(self.data)
 
     def get(self, key):
-        return _effective(self.data.get(key))
-
-    def items(self):
-        for key, entries in self.data.items():
-            yield key, _effective(entries)
-
-    def entries(self, key) -> dict:
         e = self.data.get(key)
         if e is None:
-            return {}
-        return dict(e) if isinstance(e, dict) else {e[0]: e[1]}
+            return None
+        return e[0] if isinstance(e, list) else e[1]
 
-    def set_entries(self, key, entries: dict) -> None:
-        if not entries:
+    def items(self):
+        for key, e in self.data.items():
+            yield key, (e[0] if isinstance(e, list) else e[1])
+
+    def apply(self, change: "Change") -> None:
+        key, e = change.key, self.data.get(change.key)
+        scopes = {} if e is None else (e[1] if isinstance(e, list) else {e[0]: e[1]})
+        for s in change.removed:
+            scopes.pop(s, None)
+        scopes.update(change.added)
+        if not scopes:
             self.data.pop(key, None)
-        elif len(entries) == 1:
-            self.data[key] = next(iter(entries.items()))
+        elif len(scopes) == 1:
+            self.data[key] = next(iter(scopes.items()))
         else:
-            self.data[key] = entries
+            self.data[key] = [change.after, scopes]
 
 
 @dataclass
 class Change:
     key: tuple
-    before: object  # effective value before (None: absent)
-    after: object  # effective value after (None: absent)
-    entries: dict  # the scopes' values after
+    before: object  # value before (None: absent)
+    after: object  # value after (None: absent)
+    removed: tuple  # scopes that no longer contribute
+    added: dict  # scope -> value contributed now
     conflict: bool = False  # scopes disagree about the value
-
-
-def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple, dict]) -> list[Change]:
-    """Changes to ``refmap`` when the scopes in ``replaced`` (whose old contributions are
-    ``old[scope]``) are replaced by ``new[scope]``; ``refmap`` itself is not modified."""
-    touched = set()
-    for scope in replaced:
-        touched.update(old.get(scope, ()))
-        touched.update(new.get(scope, ()))
-    changes = []
-    for key in touched:
-        before_entries = refmap.entries(key)
-        entries = {s: val for s, val in before_entries.items() if s not in replaced}
-        for scope in replaced:
-            contrib = new.get(scope)
-            if contrib is not None and key in contrib:
-                entries[scope] = contrib[key]
-        before = _effective(before_entries) if before_entries else None
-        after = entries[min(entries)] if entries else None
-        conflict = len({_ident(v) for v in entries.values()}) > 1
-        changes.append(Change(key, before, after, entries, conflict))
-    return changes
 
 
 def _ident(value):
     # elements: (value, comment, owner) -> value; objects: (obj, owner) -> (obj, owner)
     return value[0] if len(value) == 3 else value
+
+
+def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple, dict]) -> list[Change]:
+    """Changes to ``refmap`` when the scopes in ``replaced`` (whose old contributions are
+    ``old[scope]``) are replaced by ``new[scope]``; ``refmap`` itself is not modified.
+    Costs O(size of the old and new contributions of the replaced scopes)."""
+    added_by_key: dict = {}
+    for scope in replaced:
+        for key, val in new.get(scope, {}).items():
+            added_by_key.setdefault(key, {})[scope] = val
+    removed_by_key: dict = {}
+    for scope in replaced:
+        for key in old.get(scope, ()):
+            removed_by_key.setdefault(key, []).append(scope)
+    changes = []
+    if not refmap.data:  # a full sync: everything is new (the common big case, kept cheap)
+        for key, added in added_by_key.items():
+            vals = iter(added.values())
+            after = next(vals)
+            conflict = len(added) > 1 and any(_ident(val) != _ident(after) for val in vals)
+            changes.append(Change(key, None, after, (), added, conflict))
+        return changes
+    for key in set(added_by_key) | set(removed_by_key):
+        e = refmap.data.get(key)
+        removed = tuple(removed_by_key.get(key, ()))
+        added = added_by_key.get(key, {})
+        if e is None:
+            before, remaining = None, None
+        elif isinstance(e, list):
+            before = e[0]
+            remaining = next((val for s, val in e[1].items() if s not in removed), None) if removed else before
+        else:
+            before = e[1]
+            remaining = None if e[0] in removed else before
+        if remaining is not None:
+            after = before if (before is not None and _ident(remaining) == _ident(before)) else remaining
+        else:
+            after = next(iter(added.values()), None)
+        conflict = bool(added) and any(_ident(val) != _ident(after) for val in added.values())
+        changes.append(Change(key, before, after, removed, added, conflict))
+    return changes
 
 
 @dataclass
@@ -97,7 +115,7 @@ class Ruleset:
     rules: dict = field(default_factory=dict)  # chain key -> tuple of Rule
 
     def object_view(self) -> dict:
-        return {k: v for k, v in self.objects.items()}
+        return dict(self.objects.items())
 
     def elements_of(self, set_key) -> list[tuple[str, tuple]]:
         """Every element of one set (a scan: only for rare cases such as a set re-created)."""

@@ -9,7 +9,9 @@ the endpoints of its EndpointSlices exactly as kube-proxy does: by the slice's
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 from msgspec import Struct
@@ -35,6 +37,20 @@ class ServiceEndpoint(Struct, frozen=True):
         return 6 if ":" in self.ip else 4
 
 
+def _address_key(ip: str):
+    """Sort key of a canonical address: numeric order, IPv4 first."""
+    return (1, socket.inet_pton(socket.AF_INET6, ip)) if ":" in ip else (0, socket.inet_pton(socket.AF_INET, ip))
+
+
+@dataclass
+class Changes:
+    services: set  # keys (namespace, name) of Services whose Service or endpoints changed
+    everything: bool  # the Node or the ServiceCIDRs changed: every Service is affected
+    first_seen: list  # wall-clock times at which the changes were first seen
+    service_events: int
+    endpoint_events: int
+
+
 @dataclass
 class ClusterState:
     """Services, EndpointSlices, this node and the ServiceCIDRs, keyed by namespace/name."""
@@ -49,8 +65,10 @@ class ClusterState:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # what changed since the last take_changes(): Service keys, and whether anything
     # that affects every Service (this Node, the ServiceCIDRs) changed
-    _changed: set = field(default_factory=set, repr=False, compare=False)
+    _changed: dict = field(default_factory=dict, repr=False, compare=False)  # key -> first seen (time.time)
     _changed_all: bool = field(default=False, repr=False, compare=False)
+    _events: dict = field(default_factory=lambda: {"service": 0, "endpoint": 0}, repr=False, compare=False)
+    _endpoint_cache: dict | None = field(default=None, repr=False, compare=False)  # set on snapshots
 
     # -- writing (sources) -------------------------------------------------------------
     def put(self, obj) -> None:
@@ -58,13 +76,15 @@ class ClusterState:
             if isinstance(obj, Service):
                 if self.services.get(obj.key) != obj:
                     self.services[obj.key] = obj
-                    self._changed.add(obj.key)
+                    self._mark(obj.key, "service")
             elif isinstance(obj, EndpointSlice):
                 if self.slices.get(obj.key) != obj:
                     self._remove_slice(obj.key)
                     self.slices[obj.key] = obj
-                    self._by_service.setdefault((obj.namespace, obj.service_name), {})[obj.name] = obj
-                    self._changed.add((obj.namespace, obj.service_name))
+                    group = (obj.namespace, obj.service_name)
+                    # groups are replaced, never changed in place, so snapshots may share them
+                    self._by_service[group] = {**self._by_service.get(group, {}), obj.name: obj}
+                    self._mark((obj.namespace, obj.service_name), "endpoint")
             elif isinstance(obj, Node):
                 if obj.name == self.node_name and obj != self.node:
                     self.node = obj
@@ -80,7 +100,7 @@ class ClusterState:
         with self._lock:
             if kind == "Service":
                 if self.services.pop((namespace, name), None) is not None:
-                    self._changed.add((namespace, name))
+                    self._mark((namespace, name), "service")
             elif kind == "EndpointSlice":
                 self._remove_slice((namespace, name))
             elif kind == "Node":
@@ -94,11 +114,13 @@ class ClusterState:
     def _remove_slice(self, key):
         old = self.slices.pop(key, None)
         if old is not None:
-            self._changed.add((old.namespace, old.service_name))
-            group = self._by_service.get((old.namespace, old.service_name), {})
-            group.pop(old.name, None)
-            if not group:
-                self._by_service.pop((old.namespace, old.service_name), None)
+            self._mark((old.namespace, old.service_name), "endpoint")
+            key = (old.namespace, old.service_name)
+            group = {n: sl for n, sl in self._by_service.get(key, {}).items() if n != old.name}
+            if group:
+                self._by_service[key] = group
+            else:
+                self._by_service.pop(key, None)
 
     def replace_all(self, other: "ClusterState") -> None:
         """Take over every object of ``other`` (a freshly loaded state), recording
@@ -106,26 +128,34 @@ class ClusterState:
         with self._lock:
             for key in set(self.services) | set(other.services):
                 if self.services.get(key) != other.services.get(key):
-                    self._changed.add(key)
+                    self._mark(key, "service")
             for key in set(self._by_service) | set(other._by_service):
                 if self._by_service.get(key) != other._by_service.get(key):
-                    self._changed.add(key)
+                    self._mark(key, "endpoint")
             if self.node != other.node or self.service_cidrs != other.service_cidrs:
                 self._changed_all = True
             self.services, self.slices = other.services, other.slices
             self.node, self.service_cidrs = other.node, other.service_cidrs
             self._by_service = other._by_service
 
-    def take_changes(self) -> tuple[set, bool]:
-        """(Service keys changed, whether Node/ServiceCIDRs changed) since the last call."""
-        with self._lock:
-            changed, everything = self._changed, self._changed_all
-            self._changed, self._changed_all = set(), False
-            return changed, everything
+    def _mark(self, key, kind: str) -> None:
+        self._changed.setdefault(key, time.time())
+        self._events[kind] += 1
 
-    def pending_changes(self) -> int:
+    def take_changes(self) -> "Changes":
+        """What changed since the last call (and forget it)."""
         with self._lock:
-            return len(self._changed)
+            out = Changes(set(self._changed), self._changed_all, list(self._changed.values()),
+                          self._events["service"], self._events["endpoint"])
+            self._changed, self._changed_all = {}, False
+            self._events = {"service": 0, "endpoint": 0}
+            return out
+
+    def pending(self) -> tuple[int, int]:
+        """(Service events, EndpointSlice events) not yet taken by a sync."""
+        with self._lock:
+            return self._events["service"], self._events["endpoint"]
+
 
     def snapshot(self) -> "ClusterState":
         """A consistent copy for one sync; sources may keep writing to the original."""
@@ -133,13 +163,26 @@ class ClusterState:
             return ClusterState(
                 node_name=self.node_name, services=dict(self.services), slices=dict(self.slices),
                 node=self.node, service_cidrs=dict(self.service_cidrs),
-                _by_service={k: dict(v) for k, v in self._by_service.items()},
+                _by_service=dict(self._by_service), _endpoint_cache={},
             )
 
     # -- reading (plugins) -------------------------------------------------------------
     def service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
         """The endpoints of one Service port (of IP ``version`` if given), duplicates
-        across slices counted once (a ready copy wins over a not-ready one)."""
+        across slices counted once (see ``_service_endpoints``). Memoised
+        per state object: a snapshot is read by several plugins in one sync."""
+        if self._endpoint_cache is None:  # a live store, still being written to
+            return self._service_endpoints(service, port, version)
+        key = (service.key, port, version)
+        found = self._endpoint_cache.get(key)
+        if found is None:
+            found = self._endpoint_cache[key] = self._service_endpoints(service, port, version)
+        return found
+
+    def _service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
+        """The endpoints of one Service port (of IP ``version`` if given), duplicates
+        across slices counted once: like kube-proxy, a non-terminating copy wins over a
+        terminating one, otherwise the first seen."""
         found: dict[tuple[str, int], ServiceEndpoint] = {}  # by address and port, as in kube-proxy
         for sl in self._by_service.get(service.key, {}).values():
             if version is not None and sl.address_type != f"IPv{version}":
@@ -149,11 +192,11 @@ class ClusterState:
                 continue
             for e in sl.endpoints:
                 prev = found.get((e.ip, number))
-                if prev is not None and (prev.ready or not e.ready):
+                if prev is not None and not (prev.terminating and not e.terminating):
                     continue
                 found[(e.ip, number)] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
                                               e.zone, e.zone_hints, e.node_hints)
-        return sorted(found.values(), key=lambda e: (e.version, ipaddress.ip_address(e.ip), e.port))
+        return sorted(found.values(), key=lambda e: (_address_key(e.ip), e.port))
 
     def cidrs(self, version: int) -> list[str]:
         """The ServiceCIDRs of one IP version."""

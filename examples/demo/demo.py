@@ -85,7 +85,7 @@ def main() -> int:
             web.write_text(web.read_text().replace('  - addresses: ["10.0.2.2"]\n    conditions: {ready: true}',
                                                    '  - addresses: ["10.0.2.2"]\n    conditions: {ready: false}'))
             print("\nmarking pod-b not ready in web's EndpointSlice while kproxy runs ...")
-            wait_for(lambda: "10.0.2.2 . 8080" not in lab.node.run(["nft", "list", "map", "ip", "kproxy", "backends"]).stdout)
+            wait_for(lambda: "10.0.2.2 . 8080" not in lab.node.run(["nft", "list", "map", "ip", "kproxy", "cluster-backends"]).stdout)
             show("40 TCP connections to web now:", client.probe("172.30.0.10", 80, "tcp", count=40))
         finally:
             kproxy.send_signal(signal.SIGTERM)

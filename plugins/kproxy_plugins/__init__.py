@@ -5,4 +5,4 @@ third party's would be, and uses only kproxy's public API. ``DEFAULT_PLUGINS`` i
 default set the ``kproxy`` distribution declares (entry-point group ``kproxy.defaults``).
 """
 
-DEFAULT_PLUGINS = ("service-maps", "masquerade", "interfaces")
+DEFAULT_PLUGINS = ("service-maps", "masquerade", "interfaces", "conntrack-cleanup", "healthcheck-nodeports")

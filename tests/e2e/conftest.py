@@ -43,11 +43,17 @@ class Cluster:
         for pod in (self.pod_a, self.pod_b):
             pod.serve(8080, "tcp", name=pod.label)
             pod.serve(5353, "udp", name=pod.label)
-        self.config = tmp / "kproxy.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
-            "hostnameOverride": NODE, "clusterCIDR": CLUSTER_CIDR,
-        }))
+        self.config = self.write_config()
+
+    def write_config(self, name="kproxy.yaml", **fields) -> Path:
+        """Write a KubeProxyConfiguration (the base one plus ``fields``, by their API
+        names, e.g. ``nodePortAddresses=[...]``; a value of None removes the field)."""
+        cfg = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+               "hostnameOverride": NODE, "clusterCIDR": CLUSTER_CIDR}
+        cfg.update(fields)
+        path = self.tmp / name
+        path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
+        return path
 
     def kproxy(self, *args, check=True, env=None) -> subprocess.CompletedProcess:
         """Run the kproxy command in the node namespace."""
@@ -58,10 +64,15 @@ class Cluster:
             raise AssertionError(f"kproxy {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
 
-    def sync(self, objects, *extra, name="state") -> subprocess.CompletedProcess:
-        """Write ``objects`` as manifests and run ``kproxy run --once`` on them."""
+    def sync(self, objects, *extra, name="state", config=None) -> subprocess.CompletedProcess:
+        """Write ``objects`` as manifests and run ``kproxy run --once`` on them.
+
+        ``config`` (a dict of KubeProxyConfiguration fields) replaces the base
+        configuration's fields for this run; by default the base file is used.
+        """
         path = write_manifests(self.tmp / name, objects)
-        return self.kproxy("run", "--once", "--config", str(self.config), "--manifests", str(path), *extra)
+        cfg = self.config if config is None else self.write_config(f"{name}-config.yaml", **config)
+        return self.kproxy("run", "--once", "--config", str(cfg), "--manifests", str(path), *extra)
 
     def ruleset(self) -> str:
         return self.node.run(["nft", "list", "ruleset"]).stdout

@@ -72,7 +72,6 @@ def test_partial_syncs_equal_a_full_sync(steps):
         apply_step(partial, step)
         result = partial.sync()
         assert result.ok, result.error
-        assert not result.full
         partial.engine.stale_chains.clear()  # as if the delayed deletion had run
         _delete_flushed_chains(partial)
         full = make_app()
@@ -94,7 +93,7 @@ def test_one_endpoint_change_writes_only_its_elements():
     app = make_app()
     for i in range(5):
         app.state.put(service_obj(i, "ClusterIP", 0, False, False))
-        app.state.put(slice_obj(i, [(True, NODE), (True, NODE)]))
+        app.state.put(slice_obj(i, [(True, NODE), (True, NODE)] if i != 4 else [(True, NODE)]))
     assert app.sync(full=True).ok
     app.state.put(slice_obj(3, [(True, NODE), (False, NODE)]))
     result = app.sync()
@@ -102,7 +101,18 @@ def test_one_endpoint_change_writes_only_its_elements():
     text = result.transaction.render()
     assert "delete element ip kproxy cluster-backends { 172.30.0.4 . tcp . 80 . 1 }" in text
     assert all(f"172.30.0.{i} " not in text for i in (1, 2, 3, 5))  # other Services untouched
-    assert "flush" not in text  # no existing chain had to be rewritten
+    assert "flush" not in text and "chain" not in text  # only elements changed
+
+
+def test_a_new_endpoint_count_makes_the_sync_full():
+    app = make_app()
+    app.state.put(service_obj(0, "ClusterIP", 0, False, False))
+    app.state.put(slice_obj(0, [(True, NODE)]))
+    assert app.sync(full=True).ok
+    app.state.put(slice_obj(0, [(True, NODE), (True, NODE), (True, NODE)]))
+    result = app.sync()
+    assert result.ok and result.full  # a new chain (cluster-3): structure changes go through full syncs
+    assert "add chain ip kproxy cluster-3" in result.transaction.render()
 
 
 def test_full_sync_after_restart_keeps_foreign_tables_and_replaces_ours():

@@ -1,9 +1,9 @@
 """An in-memory nftables backend for unit tests.
 
 It keeps the state a kernel would keep and rejects what the kernel would reject: objects
-in a missing table or chain, references to missing chains, sets or flowtables, ``create``
-of something that exists, deleting what does not exist or what is still referenced, a map
-element whose key exists with another value. Like the kernel it applies a transaction
+in a missing table or chain, references to missing chains, sets, flowtables or counters,
+``create`` of something that exists, deleting what does not exist or what is still
+referenced, a map element whose key exists with another value. Like the kernel it applies a transaction
 whole or not at all.
 """
 
@@ -14,12 +14,13 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import NftError
-from .objects import Chain, Element, Flowtable, Listing, Rule, Set, Table
+from .objects import Chain, Counter, Element, Elements, Flowtable, Listing, Rule, Set, Table
 from .transaction import Op, Transaction
 
 _CHAIN_REF = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][\w.\-]*)")
 _SET_REF = re.compile(r"@([A-Za-z_][\w.\-]*)")
 _FLOWTABLE_REF = re.compile(r"\bflow\s+(?:add|offload)\s+@([A-Za-z_][\w.\-]*)")
+_COUNTER_REF = re.compile(r"\bcounter\s+name\s+\"([A-Za-z_][\w.\-]*)\"")  # counter name "c" (quoted)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class _Table:
     sets: dict[str, Set] = field(default_factory=dict)
     elements: dict[str, dict[str, tuple[str | None, str | None]]] = field(default_factory=dict)
     flowtables: dict[str, Flowtable] = field(default_factory=dict)
+    counters: dict[str, list] = field(default_factory=dict)  # name -> [Counter, packets, bytes]
 
 
 class FakeNft:
@@ -78,6 +80,16 @@ class FakeNft:
     def elements(self, family: str, table: str, set_name: str) -> dict[str, str | None]:
         return {k: v for k, (v, _) in self.tables[(family, table)].elements[set_name].items()}
 
+    def counters(self, family: str, table: str) -> dict[str, tuple[int, int, str | None]]:
+        """name -> (packets, bytes, comment) of the table's named counters."""
+        return {n: (c[1], c[2], c[0].comment) for n, c in self.tables[(family, table)].counters.items()}
+
+    def count(self, family: str, table: str, name: str, packets: int, nbytes: int) -> None:
+        """Pretend traffic hit a named counter."""
+        c = self.tables[(family, table)].counters[name]
+        c[1] += packets
+        c[2] += nbytes
+
     def dump(self) -> str:
         """The whole ruleset as normalised text: tables, chains, sets sorted by name,
         elements sorted; rule order kept (it matters)."""
@@ -95,6 +107,8 @@ class FakeNft:
                     out.append(f"    {k}" + (f" : {val}" if val is not None else ""))
             for name in sorted(t.flowtables):
                 out.append("  " + t.flowtables[name].spec())
+            for name in sorted(t.counters):
+                out.append("  " + t.counters[name][0].spec())
         return "\n".join(out) + ("\n" if out else "")
 
     # -- operations ---------------------------------------------------------------------
@@ -179,6 +193,9 @@ class FakeNft:
                     raise NftError(f"No such file or directory: flowtable {name} does not exist")
             elif name not in t.sets:
                 raise NftError(f"No such file or directory: set {name} does not exist")
+        for name in _COUNTER_REF.findall(o.text):
+            if name not in t.counters:
+                raise NftError(f"No such file or directory: counter {name} does not exist")
 
     def _add_rule(self, o: Rule, op):
         t = self._existing_chain(o)
@@ -255,10 +272,20 @@ class FakeNft:
         for name in _CHAIN_REF.findall(o.value or ""):
             if name not in t.chains:
                 raise NftError(f"No such file or directory: element verdict jumps to missing chain {name}")
+        if s.value_type == "counter" and o.value.strip('"') not in t.counters:
+            raise NftError(f"No such file or directory: element {o.key} of {o.set} names missing counter {o.value}")
         elems = t.elements[o.set]
         if o.key in elems and (create or elems[o.key][0] != o.value):
             raise NftError(f"File exists: element {o.key} in {o.set}")
         elems[o.key] = (o.value, o.comment)
+
+    def _add_elements(self, o: Elements, op):
+        for el in o.split():
+            self._add_element(el, op)
+
+    def _delete_elements(self, o: Elements, op):
+        for el in o.split():
+            self._delete_element(el, op)
 
     def _create_element(self, o: Element, op):
         self._add_element(o, op, create=True)
@@ -293,3 +320,26 @@ class FakeNft:
             if any(o.name in _FLOWTABLE_REF.findall(r.text) for _, r in rules):
                 raise NftError(f"Device or resource busy: flowtable {o.name} is used by a rule in {chain}")
         del t.flowtables[o.name]
+
+    # named counters
+    def _add_counter(self, o: Counter, op):
+        t = self._table(o)
+        if o.name not in t.counters:  # like the kernel: an existing counter keeps its values
+            t.counters[o.name] = [o, 0, 0]
+
+    def _create_counter(self, o: Counter, op):
+        if o.name in self._table(o).counters:
+            raise NftError(f"File exists: counter {o.name}")
+        self._add_counter(o, op)
+
+    def _delete_counter(self, o: Counter, op):
+        t = self._table(o)
+        if o.name not in t.counters:
+            raise NftError(f"No such file or directory: counter {o.name} does not exist")
+        for chain, rules in t.rules.items():
+            if any(o.name in _COUNTER_REF.findall(r.text) for _, r in rules):
+                raise NftError(f"Device or resource busy: counter {o.name} is used by a rule in {chain}")
+        for set_name, elems in t.elements.items():
+            if t.sets[set_name].value_type == "counter" and any((val or "").strip('"') == o.name for val, _ in elems.values()):
+                raise NftError(f"Device or resource busy: counter {o.name} is used by an element of {set_name}")
+        del t.counters[o.name]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .objects import Chain, Element, Flowtable, Rule, Set, Table
+from .objects import Chain, Counter, Element, Elements, Flowtable, Rule, Set, Table
 
-Obj = Table | Chain | Rule | Set | Element | Flowtable
+Obj = Table | Chain | Rule | Set | Element | Elements | Flowtable | Counter
 VERBS = ("add", "create", "flush", "delete", "insert", "replace")
 
 
@@ -37,6 +37,10 @@ class Op:
             if verb == "delete":
                 return f"delete rule {o.chain_ref()} handle {self.handle}"
             raise ValueError(f"cannot {verb} a rule")
+        if isinstance(o, Elements):
+            if verb not in ("add", "delete"):
+                raise ValueError(f"cannot {verb} elements")
+            return f"{verb} element {o.family} {o.table} {o.set} {{ {o.body(keys_only=verb == 'delete')} }}"
         if isinstance(o, Element):
             if verb not in ("add", "create", "delete"):
                 raise ValueError(f"cannot {verb} an element")
@@ -45,8 +49,8 @@ class Op:
         if verb in ("add", "create"):
             return f"{verb} {o.spec()}"
         if verb == "flush":
-            if isinstance(o, Flowtable):
-                raise ValueError("cannot flush a flowtable")
+            if isinstance(o, (Flowtable, Counter)):
+                raise ValueError(f"cannot flush a {type(o).__name__.lower()}")
             return f"flush {o.ref()}"
         if verb == "delete":
             return f"delete {o.ref()}"

@@ -8,6 +8,7 @@ unchecked value can even cause a DNS lookup.)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -30,8 +31,18 @@ def name(value: str) -> str:
     return value
 
 
+_CANONICAL_V4 = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)")
+
+
 def ip(value, version: int | None = None) -> str:
     """A single address, rendered canonically; ``version`` 4 or 6 pins the family."""
+    if version != 6 and isinstance(value, str) and _CANONICAL_V4.fullmatch(value):
+        return value  # the common case, checked without building an address object
+    return _ip(value, version)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ip(value, version: int | None) -> str:
     try:
         if not isinstance(value, (str, ipaddress.IPv4Address, ipaddress.IPv6Address)):
             raise ValueError

@@ -23,6 +23,10 @@ that every change asks for a sync (``app.request_sync()``); a change of the own 
 (labels, zone, podCIDRs, addresses) asks for a full one. A lost connection changes
 nothing in the state, so the datapath keeps its rules until the watch is back.
 
+``status()`` gives each reflector's ``ReflectorStatus`` (synced, watching,
+resourceVersion, last event time, lists, events, errors, skipped objects); the same
+figures are exported as ``kproxy_kube_reflector_*`` metrics in ``app.metrics``.
+
 ``client_configuration()`` finds the API: ``--kubeconfig``, then
 ``clientConnection.kubeconfig``, then the in-cluster service account, then
 ``$KUBECONFIG`` or ``~/.kube/config``.
@@ -51,6 +55,7 @@ class KubeConfigError(Exception):
 
 
 def resources(node_name: str) -> list[Resource]:
+    """The four collections kproxy reflects, with kube-proxy's server-side filters."""
     return [
         Resource("Service", "services", "/api/v1/services", label_selector=PROXY_SELECTOR),
         Resource("EndpointSlice", "endpointslices", "/apis/discovery.k8s.io/v1/endpointslices",
@@ -168,6 +173,45 @@ class StateStore:
         self._on_listed(kind)
 
 
+# -- metrics --------------------------------------------------------------------------------------
+class StatusCollector:
+    """Prometheus view of the reflectors' status (registered in ``app.metrics``)."""
+
+    def __init__(self, source: "KubeSource"):
+        self.source = source
+
+    def describe(self):
+        return []  # collected on demand only (no auto-describe at registration)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.source.status()
+        fams = {
+            "synced": GaugeMetricFamily("kproxy_kube_reflector_synced",
+                                        "1 once the initial list of the resource is complete", labels=["resource"]),
+            "watching": GaugeMetricFamily("kproxy_kube_reflector_watching", "1 while a watch stream is open",
+                                          labels=["resource"]),
+            "last_event": GaugeMetricFamily("kproxy_kube_reflector_last_event_timestamp_seconds",
+                                            "Time of the last watch event or bookmark", labels=["resource"]),
+            "events": CounterMetricFamily("kproxy_kube_reflector_events", "Watch events handled",
+                                          labels=["resource"]),
+            "lists": CounterMetricFamily("kproxy_kube_reflector_lists", "Complete lists (1 + relists)",
+                                         labels=["resource"]),
+            "errors": CounterMetricFamily("kproxy_kube_reflector_errors",
+                                          "Failed requests and broken watch streams", labels=["resource"]),
+            "skipped": CounterMetricFamily("kproxy_kube_reflector_skipped_objects",
+                                           "Objects skipped as malformed", labels=["resource"]),
+        }
+        for name, r in st.items():
+            fams["synced"].add_metric([name], float(r.synced))
+            fams["watching"].add_metric([name], float(r.watching))
+            fams["last_event"].add_metric([name], r.last_event or 0.0)
+            for key in ("events", "lists", "errors", "skipped"):
+                fams[key].add_metric([name], getattr(r, key))
+        yield from fams.values()
+
+
 # -- the source ---------------------------------------------------------------------------------
 class KubeSource:
     """The reflectors of one kproxy process; ``start()``, ``stop()``, ``status()``."""
@@ -179,8 +223,13 @@ class KubeSource:
         self._listed: set[str] = set()
         self._lock = threading.Lock()
         self._started = 0.0
+        self._stopped = False
         store = StateStore(app, self._listed_one)
         self.reflectors = {r.kind: Reflector(client, r, store, self.options) for r in resources(app.config.node_name)}
+        self._collector = StatusCollector(self)
+        registry = getattr(app, "metrics", None)
+        if registry is not None:
+            registry.register(self._collector)
 
     @classmethod
     def from_kubeconfig(cls, app, kubeconfig: str | None = None, options: WatchOptions | None = None):
@@ -205,24 +254,37 @@ class KubeSource:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop every reflector (idempotent); the state and the datapath stay as they are."""
+        if self._stopped:
+            return
+        self._stopped = True
         for r in self.reflectors.values():
             r.stop()
         deadline = time.monotonic() + timeout
         for r in self.reflectors.values():
             r.join(max(0.0, deadline - time.monotonic()))
         self.client.close()
+        registry = getattr(self.app, "metrics", None)
+        if registry is not None:
+            registry.unregister(self._collector)
 
     def wait_synced(self, timeout: float) -> bool:
         """Wait for the initial lists that gate programming; False on timeout."""
         return self.app.sources_synced.wait(timeout)
 
+    def wait_all_listed(self, timeout: float) -> bool:
+        """Wait until every reflector (the Node and ServiceCIDRs too) has listed once or
+        found its resource missing; False on timeout. Used by ``--once``."""
+        deadline = time.monotonic() + timeout
+        while not all(r.snapshot().synced for r in self.reflectors.values()):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def status(self) -> dict[str, ReflectorStatus]:
         """A copy of every reflector's status, by resource name."""
         return {r.resource.name: r.snapshot() for r in self.reflectors.values()}
-
-    def healthy(self) -> bool:
-        """Initial lists done and every enabled resource watched or retrying normally."""
-        return self.app.sources_synced.is_set()
 
     def describe_pending(self) -> str:
         """Which gating lists are not complete yet, with their last error (for messages)."""

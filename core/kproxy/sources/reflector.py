@@ -31,7 +31,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import msgspec
 import urllib3
@@ -258,6 +258,8 @@ class Reflector:
                     delay = self._backoff.next()  # a watch that ends at once: do not spin
             except Expired as e:
                 log.info("%s: %s; listing again", self.resource.name, e)
+                if self._rv is None:  # the list itself expired: do not spin
+                    delay = self._backoff.next()
                 self._rv, consistent = None, True
             except ApiStatusError as e:
                 if e.code in (404, 403) and self.resource.optional:

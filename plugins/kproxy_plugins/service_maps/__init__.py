@@ -21,7 +21,8 @@ pod traffic and node traffic (masqueraded) to the cluster-wide endpoints through
 ``*-local-dispatch``.
 Session affinity (ClientIP): the dynamic map ``affinity`` (client . destination :
 endpoint), filled after DNAT in ``affinity-record`` for destinations in
-``affinity-<timeout>`` sets and looked up first in every load-balancing chain.
+``affinity-<timeout>`` sets and looked up first in every load-balancing chain. IPv4
+only: nft 1.0.6 cannot build the IPv6 map update (too wide for its registers).
 Checks (filter hooks, after DNAT would have happened): ``no-endpoint-services`` and
 ``no-endpoint-nodeports`` (drop or ``goto reject-chain``), ``cluster-ips-check``
 (REJECT unserved ports of live ClusterIPs, DROP unallocated ServiceCIDR addresses),
@@ -96,12 +97,16 @@ class FamilyMaps:
                              flags=("dynamic", "timeout"), timeout=10800, comment="ClientIP session affinity")
         self.nodeport_ips = None
         self._ctx = ctx
+        self._chains: dict = {}
 
     def balance(self, group: str, key: str, endpoints) -> str:
         """Add the backend elements of one destination (and declare the chain that
         balances over them); returns the verdict that reaches them."""
         n = len(endpoints)
-        self._ctx.declare(Chain(self.fam, self.table, f"{group}-{n}"))
+        chain = self._chains.get((group, n))
+        if chain is None:
+            chain = self._chains[(group, n)] = Chain(self.fam, self.table, f"{group}-{n}")
+        self._ctx.declare(chain)
         for i, ep in enumerate(endpoints):
             self._ctx.add_element(self.backends[group], f"{key} . {i}", f"{v.ip(ep.ip, self.version)} . {v.port(ep.port)}")
         return f"goto {group}-{n}"
@@ -123,11 +128,15 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
     proto, pnum = v.proto(port.protocol), v.port(port.port)
     comment = svc.port_name(port)
     reject = "goto reject-chain"
-    affinity = m.affinity_for(svc.affinity_timeout) if svc.affinity_timeout else None
+    # nft 1.0.6 cannot update a map keyed by two IPv6 addresses from the packet path
+    # (its register allocator asserts), so ClientIP affinity is IPv4-only for now.
+    affinity = m.affinity_for(svc.affinity_timeout) if svc.affinity_timeout and version == 4 else None
 
     def family_ips(ips):
-        return [v.ip(ip, version) for ip in ips if ipaddress.ip_address(ip).version == version]
+        return [v.ip(ip, version) for ip in ips if (":" in ip) == (version == 6)]
 
+    if not family_ips(svc.cluster_ips):
+        return  # like kube-proxy, a family handles only the Services that have a ClusterIP of it
     for ip in family_ips(svc.cluster_ips):
         dest = f"{ip} . {proto} . {pnum}"
         add(m.cluster_ips, ip)
@@ -156,9 +165,9 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
         if not external:
             add(m.no_endpoint_services, dest, "drop" if eps.has_any else reject, comment)
 
-    for ip in family_ips(lb_ips) if svc.lb_source_ranges else ():
+    ranges = [r for r in svc.lb_source_ranges if ipaddress.ip_network(r).version == version]
+    for ip in family_ips(lb_ips) if ranges else ():
         dest = f"{ip} . {proto} . {pnum}"
-        ranges = [r for r in svc.lb_source_ranges if ipaddress.ip_network(r).version == version]
         add(m.firewall_ips, dest)
         for r in ranges:
             add(m.firewall_allow, f"{dest} . {v.cidr(r, version)}")

@@ -1,0 +1,137 @@
+"""Full and partial sync cost of kproxy against kube-proxy's nftables layout.
+
+For each size (Services × endpoints) a child process in a fresh network namespace builds
+the state, runs one full sync through the real ``nft`` (recording Python render time,
+apply time, total, its own peak RSS and nft's), and at the partial-sync size measures
+partial syncs (1 endpoint changed, 1 Service added, 100 Services changed). Beside it,
+``nft -f`` loads the same state written in kube-proxy's layout (one chain per Service
+port and per endpoint). Medians over --runs. Prints a table; asserts nothing.
+
+    sudo .venv/bin/python bench/bench_sync.py [--sizes 1000x10,10000x10] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def child(n: int, m: int, partial: bool) -> dict:
+    from kproxy import pluginmanager as plugins
+    from kproxy.app import App
+    from kproxy.config import Config
+    from kproxy.nft import NftCLI
+    from statefactory import build, endpoint_slice, service
+
+    names = ["service-maps", "masquerade"]
+    pm = plugins.make_manager()
+    plugins.load(pm, names, plugins.discover())
+    app = App(Config(node_name="node-1", cluster_cidrs=("10.0.0.0/8",)), NftCLI(), pm, names)
+    app.state.replace_all(build(n, m))
+    app.state.take_changes()
+    r = app.sync(full=True)
+    assert r.ok, r.error
+    out = {"render": r.render_seconds, "apply": r.apply_seconds, "total": r.duration,
+           "ops": len(r.transaction),
+           "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "nft_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    if partial:
+        def timed(change):
+            change()
+            t0 = time.perf_counter()
+            res = app.sync()
+            assert res.ok and not res.full, (res.error, res.full)
+            return time.perf_counter() - t0
+        samples = {"1 endpoint changed": [], "1 Service added": [], "100 Services changed": []}
+        for k in range(5):
+            samples["1 endpoint changed"].append(timed(lambda: app.state.put(endpoint_slice(7 + k, m, generation=1))))
+            samples["1 Service added"].append(timed(lambda: (app.state.put(service(n + k)), app.state.put(endpoint_slice(n + k, m)))))
+            samples["100 Services changed"].append(timed(lambda: [app.state.put(endpoint_slice(1000 + 100 * k + j, m, generation=2))
+                                                                 for j in range(100)]))
+        out["partial"] = {key: statistics.median(v) for key, v in samples.items()}
+    return out
+
+
+def in_netns(argv, name) -> subprocess.CompletedProcess:
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        return subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True, text=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def kube_proxy_load(n: int, m: int) -> dict:
+    from kube_proxy_layout import script
+
+    with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as f:
+        f.write(script(n, m))
+        path = f.name
+    try:
+        proc = in_netns(["/usr/bin/env", "python3", "-c",
+                         "import resource,subprocess,sys,time;t=time.perf_counter();"
+                         f"r=subprocess.run(['nft','-f','{path}']);"
+                         "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, r.returncode)"],
+                        f"kpbench-kp{os.getpid()}")
+        seconds, rss, rc = proc.stdout.split()
+        if rc != "0":
+            raise RuntimeError(f"kube-proxy layout failed to load: {proc.stderr[-300:]}")
+        return {"seconds": float(seconds), "rss_mib": float(rss)}
+    finally:
+        os.unlink(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000x10,10000x10,30000x10,5000x50")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--partial-size", default="10000x10")
+    ap.add_argument("--kube-proxy-max", type=int, default=10000,
+                    help="largest Service count to load in kube-proxy's layout (10,000 × 10 takes ~5 min)")
+    ap.add_argument("--child", nargs=3, metavar=("N", "M", "PARTIAL"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(int(args.child[0]), int(args.child[1]), args.child[2] == "1")))
+        return
+    rows, partial_rows = [], None
+    for size in args.sizes.split(","):
+        n, m = map(int, size.split("x"))
+        runs = []
+        for r in range(args.runs):
+            proc = in_netns([sys.executable, __file__, "--child", str(n), str(m), "1" if size == args.partial_size and r == 0 else "0"],
+                            f"kpbench{os.getpid()}x{r}")
+            if proc.returncode:
+                raise SystemExit(f"{size}: child failed:\n{proc.stderr[-2000:]}")
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if "partial" in runs[-1]:
+                partial_rows = runs[-1]["partial"]
+        med = {k: statistics.median(x[k] for x in runs) for k in ("render", "apply", "total", "rss_mib", "nft_rss_mib")}
+        kp = kube_proxy_load(n, m) if n <= args.kube_proxy_max else None
+        rows.append((size, runs[0]["ops"], med, kp))
+        print(f"... {size} done", file=sys.stderr, flush=True)
+    print(f"\nFull sync, real nft in a fresh network namespace, median of {args.runs} runs")
+    print(f"{'Services×endpoints':>18} {'nft ops':>8} {'render':>8} {'apply':>8} {'total':>8} {'render %':>8} "
+          f"{'RSS MiB':>8} {'nft MiB':>8} {'kube-proxy layout':>18} {'ratio':>7}")
+    for size, ops, med, kp in rows:
+        kp_text = f"{kp['seconds']:.2f} s / {kp['rss_mib']:.0f} MiB" if kp else "not run"
+        ratio = f"{kp['seconds'] / med['total']:.0f}×" if kp else "-"
+        print(f"{size:>18} {ops:>8} {med['render']:>7.2f}s {med['apply']:>7.2f}s {med['total']:>7.2f}s "
+              f"{100 * med['render'] / med['total']:>7.0f}% {med['rss_mib']:>8.0f} {med['nft_rss_mib']:>8.0f} {kp_text:>18} {ratio:>7}")
+    if partial_rows:
+        print(f"\nPartial syncs at {args.partial_size} (median of 5, including nft process start)")
+        for key, seconds in partial_rows.items():
+            print(f"{key:>22}: {seconds * 1000:7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
