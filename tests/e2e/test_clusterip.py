@@ -128,3 +128,11 @@ def test_invalid_object_is_skipped_and_the_rest_programmed(clean):
     proc = clean.sync(demo_objects() + [bad])
     assert "Service demo/bad: spec.clusterIP: invalid IP address" in proc.stderr and "objects.yaml" in proc.stderr
     assert set(answered_by(clean.client.probe(WEB, 80, count=20))) == {"pod-a", "pod-b"}
+
+
+def test_replacement_service_maps_plugin_is_what_runs(clean):
+    clean.sync(demo_objects(), "--disable-plugin", "service-maps", "--plugin", "first_endpoint")
+    rules = clean.ruleset()
+    assert "cluster-backends" not in rules
+    assert "dnat to 10.0.1.2:8080" in rules
+    assert answered_by(clean.client.probe(WEB, 80, count=20)) == {"pod-a": 20}  # never pod-b: the replacement runs

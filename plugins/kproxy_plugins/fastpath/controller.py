@@ -140,14 +140,19 @@ class Fastpath:
 
     # -- devices ---------------------------------------------------------------------------
     def _wanted_devices(self) -> tuple[str, ...]:
-        """The eligible devices of a fresh link listing: whatever vanished since the last
-        announcement is pruned here, right before programming."""
+        """The eligible devices among the announced links (whichever plugin announces
+        them), pruned against a fresh link listing right before programming: whatever
+        vanished since the announcement is left out. Without any announcement yet, the
+        eligible devices of the fresh listing."""
         try:
             links = self.list_links()
         except Exception as e:  # netlink trouble: use what was announced
             log.warning("fastpath: cannot list network interfaces (%s); using the last announced ones", e)
             links = self.last_links
-        return eligible_devices(links)
+        if not self.last_links:
+            return eligible_devices(links)
+        live = {link.name for link in links}
+        return tuple(d for d in eligible_devices(self.last_links) if d in live)
 
     def _kernel_devices(self) -> set | None:
         """The flowtable's devices as the kernel has them (the kernel drops deleted links
