@@ -124,7 +124,7 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
     add = ctx.add_element
     version = m.version
     eps = categorize(ctx.state.service_endpoints(svc, port, version), node_name, zone)
-    internal, external = eps.for_internal(svc), eps.for_external(svc)
+    internal = eps.for_internal(svc)
     proto, pnum = v.proto(port.protocol), v.port(port.port)
     comment = svc.port_name(port)
     reject = "goto reject-chain"
@@ -149,21 +149,7 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
 
     lb_ips = [i.ip for i in svc.lb_ingress if i.ip_mode != "Proxy"]
     for ip in family_ips(list(svc.external_ips) + lb_ips):
-        dest = f"{ip} . {proto} . {pnum}"
-        if eps.has_any:
-            if svc.external_policy_local:
-                add(m.service_ips, dest, "goto external-local", comment)
-                if eps.cluster:
-                    add(m.dispatch["cluster"], dest, m.balance("cluster", dest, eps.cluster))
-                if eps.local:
-                    add(m.dispatch["local"], dest, m.balance("local", dest, eps.local))
-            else:
-                add(m.service_ips, dest, m.balance("cluster", dest, eps.cluster), comment)
-                add(m.external_masq, dest)
-            if affinity:
-                add(affinity[0], dest)
-        if not external:
-            add(m.no_endpoint_services, dest, "drop" if eps.has_any else reject, comment)
+        _program_external(ctx, m, svc, eps, f"{ip} . {proto} . {pnum}", "", affinity and affinity[0], comment)
 
     ranges = [r for r in svc.lb_source_ranges if ipaddress.ip_network(r).version == version]
     for ip in family_ips(lb_ips) if ranges else ():
@@ -176,21 +162,30 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
                 add(m.firewall_allow, f"{dest} . {own}/{32 if version == 4 else 128}")
 
     if port.node_port and svc.type in ("NodePort", "LoadBalancer"):
-        key = f"{proto} . {v.port(port.node_port)}"
-        if eps.has_any:
-            if svc.external_policy_local:
-                add(m.service_nodeports, key, "goto nodeport-local", comment)
-                if eps.cluster:
-                    add(m.dispatch["nodeport-cluster"], key, m.balance("nodeport-cluster", key, eps.cluster))
-                if eps.local:
-                    add(m.dispatch["nodeport-local"], key, m.balance("nodeport-local", key, eps.local))
-            else:
-                add(m.service_nodeports, key, m.balance("nodeport-cluster", key, eps.cluster), comment)
-                add(m.nodeport_masq, key)
-            if affinity:
-                add(affinity[1], key)
-        if not external:
-            add(m.no_endpoint_nodeports, key, "drop" if eps.has_any else reject, comment)
+        _program_external(ctx, m, svc, eps, f"{proto} . {v.port(port.node_port)}", "nodeport-",
+                          affinity and affinity[1], comment)
+
+
+def _program_external(ctx, m: FamilyMaps, svc, eps, key: str, kind: str, affinity_set, comment: str):
+    """The elements of one external destination: an externalIP or LB IP (``kind`` "",
+    ``key`` addr . proto . port) or the NodePort (``kind`` "nodeport-", proto . port)."""
+    add = ctx.add_element
+    dispatch = m.service_nodeports if kind else m.service_ips
+    if eps.has_any:
+        if svc.external_policy_local:
+            add(dispatch, key, f"goto {kind or 'external-'}local", comment)
+            if eps.cluster:
+                add(m.dispatch[f"{kind}cluster"], key, m.balance(f"{kind}cluster", key, eps.cluster))
+            if eps.local:
+                add(m.dispatch[f"{kind}local"], key, m.balance(f"{kind}local", key, eps.local))
+        else:
+            add(dispatch, key, m.balance(f"{kind}cluster", key, eps.cluster), comment)
+            add(m.nodeport_masq if kind else m.external_masq, key)
+        if affinity_set:
+            add(affinity_set, key)
+    if not eps.for_external(svc):
+        no_endpoints = m.no_endpoint_nodeports if kind else m.no_endpoint_services
+        add(no_endpoints, key, "drop" if eps.has_any else "goto reject-chain", comment)
 
 
 @hookimpl
