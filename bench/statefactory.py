@@ -23,7 +23,8 @@ def service(i: int) -> Service:
 
 
 def endpoint_slice(i: int, m: int, generation: int = 0) -> EndpointSlice:
-    eps = tuple(Endpoint(endpoint_ip(i, (e + generation) % 64), node_name=NODE) for e in range(m))
+    # endpoints spread over 10 nodes, as in a real cluster (this node is node-1)
+    eps = tuple(Endpoint(endpoint_ip(i, (e + generation) % 64), node_name=f"node-{(i + e) % 10}") for e in range(m))
     return EndpointSlice("bench", f"svc-{i}-abc", f"svc-{i}", "IPv4", eps, (EndpointPort("http", "TCP", 8080),))
 
 

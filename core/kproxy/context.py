@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .nft import Chain, Flowtable, Set, Table
-from .nft.objects import check_element_text
+from .nft.objects import _FORBIDDEN_IN_ELEMENT as _UNSAFE, check_element_text
 from .pluginmanager import PluginError
 
 MAIN_TABLE = "kproxy"
@@ -56,6 +56,7 @@ class SyncContext:
         self._scope = GLOBAL
         self._declared_here: dict = {}  # object key -> owner, for objects declared in this sync
         self._main = {ver: Table(fam, MAIN_TABLE, "kproxy service proxy rules") for ver, fam in FAMILY_OF_VERSION.items()}
+        self._main_keys = {t.table_key for t in self._main.values()}
 
     # -- for plugins --------------------------------------------------------------------
     def table(self, version: int) -> Table:
@@ -84,7 +85,7 @@ class SyncContext:
 
     def declare(self, obj: Table | Chain | Set | Flowtable):
         """Declare an object owned by the calling plugin; returns it."""
-        main = {t.table_key for t in self._main.values()}
+        main = self._main_keys
         if isinstance(obj, Table):
             if obj.table_key not in main and not obj.name.startswith(TABLE_PREFIX):
                 raise PluginError(f"plugin {self.plugin}: table name {obj.name!r} must start with {TABLE_PREFIX!r}")
@@ -99,8 +100,8 @@ class SyncContext:
 
     def add_element(self, s: Set, key: str, value: str | None = None, comment: str | None = None) -> None:
         """Add an element to a set or map (key and value rendered with ``nft.values``)."""
-        check_element_text(key, s.name)
-        if value is not None:
+        if _UNSAFE.search(key) or (value is not None and _UNSAFE.search(value)) or not key:
+            check_element_text(key, s.name)  # raises, naming the set
             check_element_text(value, s.name)
         elems = self.decls[self._scope].elements
         old = elems.get((s.key, key))

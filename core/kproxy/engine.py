@@ -197,7 +197,10 @@ class Engine:
             txn = self._partial_transaction(ctx, objects, obj_changes, el_changes, rules)
 
         def commit():
-            new = Ruleset() if full else self.committed
+            if full:
+                self.committed = Ruleset.from_full(ctx.decls, obj_changes, el_changes, rules)
+                return
+            new = self.committed
             for s in replaced:
                 if s in ctx.decls:
                     new.scopes[s] = ctx.decls[s]
@@ -229,8 +232,10 @@ class Engine:
     def _check_references(ctx, rules, el_changes) -> None:
         """Every jump/goto of a rule or verdict element must name a declared chain of its
         table (the kernel may still hold an old chain of that name, so it cannot tell)."""
+        checked = set()
+
         def check(family, table, text, owner, where):
-            for target in _JUMP.findall(text or ""):
+            for target in _JUMP.findall(text):
                 if ("chain", family, table, target) not in ctx.objects:
                     raise PluginError(f"plugin {owner}: {where} jumps to chain {target}, which is not declared",
                                       plugin=owner)
@@ -238,9 +243,12 @@ class Engine:
             for r in chain_rules:
                 check(r.family, r.table, r.text, r.owner, f"a rule in chain {r.chain}")
         for ch in el_changes:
-            if ch.after is not None and ch.after[0]:
+            value = ch.after[0] if ch.after is not None else None
+            if value and ("goto" in value or "jump" in value):
                 _, fam, table, name = ch.key[0]
-                check(fam, table, ch.after[0], ch.after[2], f"element {ch.key[1]} of {name}")
+                if (fam, table, value) not in checked:  # verdicts repeat: check each once
+                    check(fam, table, value, ch.after[2], f"element {ch.key[1]} of {name}")
+                    checked.add((fam, table, value))
 
     @staticmethod
     def _tables(objects) -> set:

@@ -51,7 +51,7 @@ class RefMap:
             self.data[key] = [change.after, scopes]
 
 
-@dataclass
+@dataclass(slots=True)
 class Change:
     key: tuple
     before: object  # value before (None: absent)
@@ -66,10 +66,27 @@ def _ident(value):
     return value[0] if len(value) == 3 else value
 
 
+def _all_new(replaced, new) -> list[Change]:
+    """The changes of a full sync, where everything is an addition (kept cheap: this is
+    the one place that sees every element)."""
+    changes: dict = {}
+    for scope in replaced:
+        for key, val in new.get(scope, {}).items():
+            ch = changes.get(key)
+            if ch is None:
+                changes[key] = Change(key, None, val, (), {scope: val})
+            else:
+                ch.added[scope] = val
+                ch.conflict = ch.conflict or _ident(val) != _ident(ch.after)
+    return list(changes.values())
+
+
 def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple, dict]) -> list[Change]:
     """Changes to ``refmap`` when the scopes in ``replaced`` (whose old contributions are
     ``old[scope]``) are replaced by ``new[scope]``; ``refmap`` itself is not modified.
     Costs O(size of the old and new contributions of the replaced scopes)."""
+    if not refmap.data and not any(old.get(scope) for scope in replaced):
+        return _all_new(replaced, new)
     added_by_key: dict = {}
     for scope in replaced:
         for key, val in new.get(scope, {}).items():
@@ -79,13 +96,6 @@ def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple,
         for key in old.get(scope, ()):
             removed_by_key.setdefault(key, []).append(scope)
     changes = []
-    if not refmap.data:  # a full sync: everything is new (the common big case, kept cheap)
-        for key, added in added_by_key.items():
-            vals = iter(added.values())
-            after = next(vals)
-            conflict = len(added) > 1 and any(_ident(val) != _ident(after) for val in vals)
-            changes.append(Change(key, None, after, (), added, conflict))
-        return changes
     for key in set(added_by_key) | set(removed_by_key):
         e = refmap.data.get(key)
         removed = tuple(removed_by_key.get(key, ()))
@@ -113,6 +123,17 @@ class Ruleset:
     objects: RefMap = field(default_factory=RefMap)  # key -> (obj, owner)
     elements: RefMap = field(default_factory=RefMap)  # (set key, element key) -> (value, comment, owner)
     rules: dict = field(default_factory=dict)  # chain key -> tuple of Rule
+
+    @classmethod
+    def from_full(cls, decls, obj_changes, el_changes, rules) -> "Ruleset":
+        """The state after a full sync, built in one pass (every change is an addition)."""
+        new = cls(scopes=dict(decls), rules=rules)
+        for refmap, changes in ((new.objects, obj_changes), (new.elements, el_changes)):
+            data = refmap.data
+            for ch in changes:
+                added = ch.added
+                data[ch.key] = next(iter(added.items())) if len(added) == 1 else [ch.after, dict(added)]
+        return new
 
     def object_view(self) -> dict:
         return dict(self.objects.items())

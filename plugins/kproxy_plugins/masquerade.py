@@ -8,7 +8,9 @@ masquerades (``fully-random``) every marked connection and clears the bit. Other
 plugins request masquerade the same way, by setting the bit.
 
 Hairpin is detected after DNAT through the set ``hairpin`` of ``endpoint . endpoint``
-address pairs: a DNATed connection whose source equals its new destination.
+address pairs: a DNATed connection whose source equals its new destination. Only
+endpoints on this node (or of no node) are listed: a pod elsewhere reaching itself is
+DNATed on its own node, never here.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ def kproxy_pre_render(ctx):
         ctx.declare(Chain(fam, table, L.MASQUERADING))
         addr_t = v.addr_type(fam)
         hairpin = ctx.declare(Set(fam, table, L.HAIRPIN, f"{addr_t} . {addr_t}", comment="endpoint . endpoint"))
+        node = ctx.config.node_name
         for svc in ctx.services():
             with ctx.scope_of(svc):
                 for port in svc.ports:
                     for ep in ctx.state.service_endpoints(svc, port, version):
-                        addr = v.ip(ep.ip, version)
-                        ctx.add_element(hairpin, f"{addr} . {addr}")
+                        # only a pod of this node can reach itself through this node's DNAT
+                        if ep.node_name in (node, ""):
+                            addr = v.ip(ep.ip, version)
+                            ctx.add_element(hairpin, f"{addr} . {addr}")
 
 
 @hookimpl(tryfirst=True)
