@@ -17,6 +17,7 @@ from .config import Config, ConfigError
 from .engine import cleanup as cleanup_tables
 from .health import Servers
 from .nft import NftCLI, NftError
+from .nft.lib import HybridNft
 from .sources import kube as kube_source
 from .sources import manifests as manifest_source
 
@@ -171,7 +172,7 @@ def cli():
 def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, **kw):
     """Program nftables for the Services of the cluster (or of --manifests) and keep them up to date."""
     _setup_logging(kw.pop("verbose"))
-    real = NftCLI()
+    real = HybridNft()
     if not dry_run and not real.available():
         _fail("the nft program is not installed (Debian/Ubuntu: apt-get install nftables)")
     app = build_app(kw, PrintBackend(real) if dry_run else real)
