@@ -8,6 +8,7 @@ namespace, as the real command (``python -m kproxy``), on manifests the tests wr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -73,6 +74,24 @@ class Cluster:
         path = write_manifests(self.tmp / name, objects)
         cfg = self.config if config is None else self.write_config(f"{name}-config.yaml", **config)
         return self.kproxy("run", "--once", "--config", str(cfg), "--manifests", str(path), *extra)
+
+    @contextlib.contextmanager
+    def run_kproxy(self, *args, log_name="kproxy-run.log", env=None):
+        """``kproxy run ARGS`` as a long-running process in the node namespace; yields
+        (process, log path); SIGTERM (then SIGKILL) at exit."""
+        log_path = self.tmp / log_name
+        with open(log_path, "a") as log:
+            proc = self.node.popen([sys.executable, "-m", "kproxy", "run", *map(str, args)], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            yield proc, log_path
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
     def ruleset(self) -> str:
         return self.node.run(["nft", "list", "ruleset"]).stdout

@@ -9,7 +9,6 @@ asks it over HTTP.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
@@ -62,19 +61,8 @@ def running(clean):
     manifests = write_manifests(clean.tmp / "hcnp", objects("node-1"))
     config = clean.write_config("hcnp.yaml", nftables={"minSyncPeriod": "100ms"},
                                 metricsBindAddress="127.0.0.1:0", healthzBindAddress="0.0.0.0:0")
-    log_path = clean.tmp / "kproxy-hcnp.log"
-    with open(log_path, "w") as log:
-        proc = clean.node.popen([sys.executable, "-m", "kproxy", "run", "--config", str(config),
-                                 "--manifests", str(manifests)], stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with clean.run_kproxy("--config", config, "--manifests", manifests, log_name="kproxy-hcnp.log") as (proc, log_path):
         yield clean, manifests, proc, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_health_check_node_port_answers_with_local_endpoint_count(running):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -68,21 +66,11 @@ def api_kproxy(clean):
     start_in_netns(server, clean.node.name)
     kubeconfig = server.kubeconfig(clean.tmp / "kube-e2e.kubeconfig")
     config = clean.write_config("kube-e2e.yaml", nftables={"minSyncPeriod": "100ms"})
-    log_path = clean.tmp / "kproxy-kube-e2e.log"
-    log = open(log_path, "w")
-    argv = [sys.executable, "-m", "kproxy", "run", "--kubeconfig", kubeconfig, "--config", str(config)]
-    proc = clean.node.popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HTTPS_PROXY": "", "HTTP_PROXY": "", "NO_PROXY": "127.0.0.1"})
     try:
-        yield clean, server, proc, log_path
+        with clean.run_kproxy("--kubeconfig", kubeconfig, "--config", config, log_name="kproxy-kube-e2e.log",
+                              env={"HTTPS_PROXY": "", "HTTP_PROXY": "", "NO_PROXY": "127.0.0.1"}) as (proc, log_path):
+            yield clean, server, proc, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
         server.stop()
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
-import pytest
 import yaml
 
 from objects import answered_by, endpoint_slice, service, write_manifests
@@ -57,23 +55,6 @@ def objects(endpoints):
             endpoint_slice("web", list(endpoints), [("http", "TCP", 8080)])]
 
 
-class Running:
-    """`kproxy run` as a long-running process in the node namespace."""
-
-    def __init__(self, cluster, manifests, config, env=None):
-        self.cluster = cluster
-        self.log = open(cluster.tmp / "kproxy-run.log", "a")
-        full_env = {**os.environ, **(env or {})}
-        self.proc = cluster.node.popen([sys.executable, "-m", "kproxy", "run", "--config", str(config),
-                                        "--manifests", str(manifests)], stdout=self.log, stderr=subprocess.STDOUT,
-                                       env=full_env)
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(15)
-        self.log.close()
-
-
 def wait_for(pred, timeout=20.0, what="condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -102,20 +83,17 @@ def config(cluster, name, **nftables):
 def test_restart_keeps_connections_flowing(clean):
     manifests = write_manifests(clean.tmp / "restart", objects(["10.0.1.2", "10.0.2.2"]))
     cfg = config(clean, "restart.yaml")
-    first = Running(clean, manifests, cfg)
-    wait_for(lambda: WEB in clean.ruleset(), what="first rules")
-    loop = clean.client.popen([sys.executable, "-c", LOOP_CLIENT, WEB, "80", "6"], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    first.stop()  # SIGTERM leaves the rules in place ...
+    with clean.run_kproxy("--config", cfg, "--manifests", manifests) as (first, _):
+        wait_for(lambda: WEB in clean.ruleset(), what="first rules")
+        loop = clean.client.popen([sys.executable, "-c", LOOP_CLIENT, WEB, "80", "6"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+    assert first.returncode == 0  # SIGTERM stops kproxy cleanly and leaves the rules in place ...
     assert WEB in clean.ruleset()
-    second = Running(clean, manifests, cfg)  # ... and the restarted kproxy replaces them atomically
-    try:
+    with clean.run_kproxy("--config", cfg, "--manifests", manifests):  # ... the next one replaces them atomically
         out, _ = loop.communicate(timeout=30)
         result = json.loads(out)
         assert result["failed"] == 0 and result["ok"] > 50, result
         assert set(answered_by(clean.client.probe(WEB, 80, count=30))) == {"pod-a", "pod-b"}
-    finally:
-        second.stop()
 
 
 def test_failed_sync_keeps_rules_counts_and_recovers_with_a_full_sync(clean, tmp_path):
@@ -125,8 +103,8 @@ def test_failed_sync_keeps_rules_counts_and_recovers_with_a_full_sync(clean, tmp
     (wrapper_dir / "nft").write_text(NFT_WRAPPER.format(flag=flag, nft=subprocess.check_output(["which", "nft"], text=True).strip()))
     (wrapper_dir / "nft").chmod(0o755)
     manifests = write_manifests(clean.tmp / "failing", objects(["10.0.1.2", "10.0.2.2"]))
-    kp = Running(clean, manifests, config(clean, "failing.yaml"), env={"PATH": f"{wrapper_dir}:{os.environ['PATH']}"})
-    try:
+    with clean.run_kproxy("--config", config(clean, "failing.yaml"), "--manifests", manifests,
+                          env={"PATH": f"{wrapper_dir}:{os.environ['PATH']}"}):
         wait_for(lambda: WEB in clean.ruleset(), what="first rules")
         wait_for(lambda: fetch(clean, "http://127.0.0.1:10256/healthz")[0] == 200, what="healthz 200")
         code, body = fetch(clean, "http://127.0.0.1:10256/healthz")
@@ -151,5 +129,3 @@ def test_failed_sync_keeps_rules_counts_and_recovers_with_a_full_sync(clean, tmp
             assert name in metrics, name
         assert fetch(clean, "http://127.0.0.1:10256/healthz")[0] == 200
         assert fetch(clean, "http://127.0.0.1:10249/proxyMode")[1].strip() == "nftables"
-    finally:
-        kp.stop()

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from kproxy.nft import Chain, Elements, NftError, Set, Table, Transaction
-from kproxy.nft.lib import HybridNft, _elements_only
+from kproxy.nft import Chain, Elements, Transaction
+from kproxy.nft.lib import _elements_only
 
 
 def test_only_element_transactions_qualify():
