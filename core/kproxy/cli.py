@@ -16,7 +16,7 @@ from .app import App, collect_options
 from .config import Config, ConfigError
 from .engine import cleanup as cleanup_tables
 from .health import Servers
-from .nft import NftCLI, NftError
+from .nft import NftCLI, NftError, Table, Transaction
 from .nft.lib import HybridNft
 from .sources import kube as kube_source
 from .sources import manifests as manifest_source
@@ -138,6 +138,16 @@ def _load_manifests(app: App, path: str):
     app.state.replace_all(state)
 
 
+def _init_only(backend) -> None:
+    """Create and remove a scratch table: nftables works and we may program it."""
+    probe = Table("inet", "kproxy-init-probe")
+    try:
+        backend.apply(Transaction().add(probe).delete(probe))
+    except NftError as e:
+        _fail(f"nftables is not usable here: {e}", 1)
+    click.echo("kproxy: init done (nftables usable); nothing else to prepare for the nftables datapath")
+
+
 class PrintBackend:
     """A backend for --dry-run: prints each transaction instead of applying it."""
 
@@ -169,12 +179,18 @@ def cli():
 @click.option("--initial-sync-timeout", type=float, default=60.0, show_default=True,
               help="With --once and the API: seconds to wait for the initial lists of Services and EndpointSlices.")
 @click.option("--dry-run", is_flag=True, help="Print each transaction instead of applying it.")
-def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, **kw):
+@click.option("--init-only", is_flag=True,
+              help="Only check that this host can run kproxy (nft present, nftables usable), then exit: "
+                   "kube-proxy's privileged init step.")
+def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, init_only, **kw):
     """Program nftables for the Services of the cluster (or of --manifests) and keep them up to date."""
     _setup_logging(kw.pop("verbose"))
     real = HybridNft()
     if not dry_run and not real.available():
         _fail("the nft program is not installed (Debian/Ubuntu: apt-get install nftables)")
+    if init_only:
+        _init_only(real)
+        return
     app = build_app(kw, PrintBackend(real) if dry_run else real)
     source = None
     if manifests:

@@ -136,3 +136,10 @@ def test_replacement_service_maps_plugin_is_what_runs(clean):
     assert "cluster-backends" not in rules
     assert "dnat to 10.0.1.2:8080" in rules
     assert answered_by(clean.client.probe(WEB, 80, count=20)) == {"pod-a": 20}  # never pod-b: the replacement runs
+
+
+def test_init_only_checks_the_host_and_changes_nothing(clean):
+    before = clean.ruleset()
+    proc = clean.kproxy("run", "--init-only")
+    assert "init done" in proc.stdout
+    assert clean.ruleset() == before
