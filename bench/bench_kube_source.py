@@ -89,7 +89,8 @@ def child(args) -> None:
 
     from kproxy import config as configmod
     from kproxy.app import App
-    from kproxy.nft import FakeNft, NftCLI
+    from kproxy.nft import FakeNft
+    from kproxy.nft.lib import HybridNft
     from kproxy.sources.kube import KubeSource
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -102,7 +103,7 @@ def child(args) -> None:
 
     config = configmod.from_dict({"hostnameOverride": "node-0", "clusterCIDR": "10.128.0.0/9",
                                   "nftables": {"minSyncPeriod": "0s"}})
-    app = App.from_config(config, FakeNft() if args.child == "fake" else NftCLI())
+    app = App.from_config(config, FakeNft() if args.child == "fake" else HybridNft())  # as `kproxy run`
     source = KubeSource.from_kubeconfig(app, args.kubeconfig)
 
     key = (MARK_NS, MARK_NAME)

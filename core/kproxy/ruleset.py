@@ -42,7 +42,10 @@ class RefMap:
         scopes = {} if e is None else (e[1] if isinstance(e, list) else {e[0]: e[1]})
         for s in change.removed:
             scopes.pop(s, None)
-        scopes.update(change.added)
+        if change.added is None:
+            scopes[change.scope] = change.after
+        else:
+            scopes.update(change.added)
         if not scopes:
             self.data.pop(key, None)
         elif len(scopes) == 1:
@@ -57,8 +60,9 @@ class Change:
     before: object  # value before (None: absent)
     after: object  # value after (None: absent)
     removed: tuple  # scopes that no longer contribute
-    added: dict  # scope -> value contributed now
+    added: dict | None  # scope -> value contributed now (None: only ``scope``, with ``after``)
     conflict: bool = False  # scopes disagree about the value
+    scope: tuple = ()  # the one contributing scope when ``added`` is None
 
 
 def _ident(value):
@@ -73,9 +77,11 @@ def _all_new(replaced, new) -> list[Change]:
     for scope in replaced:
         for key, val in new.get(scope, {}).items():
             ch = changes.get(key)
-            if ch is None:
-                changes[key] = Change(key, None, val, (), {scope: val})
+            if ch is None:  # the common case: no dict per element, that is most of a sync's memory
+                changes[key] = Change(key, None, val, (), None, False, scope)
             else:
+                if ch.added is None:
+                    ch.added = {ch.scope: ch.after}
                 ch.added[scope] = val
                 ch.conflict = ch.conflict or _ident(val) != _ident(ch.after)
     return list(changes.values())
@@ -132,7 +138,7 @@ class Ruleset:
             data = refmap.data
             for ch in changes:
                 added = ch.added
-                data[ch.key] = next(iter(added.items())) if len(added) == 1 else [ch.after, dict(added)]
+                data[ch.key] = (ch.scope, ch.after) if added is None else [ch.after, dict(added)]
         return new
 
     def object_view(self) -> dict:
