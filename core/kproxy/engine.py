@@ -11,8 +11,9 @@ as one transaction, and the plugins hear the outcome (``kproxy_post_apply``).
   re-created with all their elements, stale objects removed. Sets the kernel fills
   itself (``dynamic``) keep their content.
 - A *partial* sync re-renders only the Services that changed and writes only the
-  difference to what the last sync committed, which is kept in memory: the kernel is
-  not listed. Both leave exactly the same ruleset.
+  difference of set and map elements to what the last sync committed, which is kept in
+  memory: the kernel is not listed. A change of any chain, set or rule makes the sync
+  full (rare in a chain-light layout). Both leave exactly the same ruleset.
 - Chains no longer needed are flushed at once and deleted in a later transaction, at
   least ``STALE_CHAIN_DELAY`` later (older kernels keep a chain busy for a moment after
   a map element that referenced it was deleted).
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from .context import FAMILY_OF_VERSION, GLOBAL, SyncContext, is_kproxy_table, service_scope
-from .nft import Chain, Element, Elements, Flowtable, NftError, Rule, Set, Table, Transaction
+from .nft import Chain, Elements, Flowtable, NftError, Rule, Set, Table, Transaction
 from .nft import values as v
 from .pluginmanager import PluginError, call_order
 from .ruleset import Ruleset, diff
@@ -57,11 +58,6 @@ class SyncResult:
 def _as_rule(chain: Chain, item, owner: str) -> Rule:
     text, comment = (item, None) if isinstance(item, str) else item
     return Rule(chain.family, chain.table, chain.name, text, comment, owner=owner)
-
-
-def _element(set_key, key, value_comment) -> Element:
-    _, family, table, name = set_key
-    return Element(family, table, name, key, value_comment[0], value_comment[1])
 
 
 BATCH = 2000  # elements per nft command
@@ -194,7 +190,7 @@ class Engine:
         if full:
             txn = self._full_transaction(ctx, objects, el_changes, rules)
         else:
-            txn = self._partial_transaction(ctx, objects, obj_changes, el_changes, rules)
+            txn = self._partial_transaction(el_changes)
 
         def commit():
             if full:
@@ -303,67 +299,20 @@ class Engine:
                 txn.delete(Table(*tkey))
         return txn
 
-    def _partial_transaction(self, ctx, objects, obj_changes, el_changes, rules) -> Transaction:
+    def _partial_transaction(self, el_changes) -> Transaction:
+        """The element additions and deletions of a partial sync (partial syncs change
+        nothing else, see ``_structure_changed``)."""
         txn = Transaction()
-        recreated_sets = set()
-        removed_chains, removed_sets, removed_tables = [], [], []
-        order = (Table, Chain, Set, Flowtable)
-        for kind in order:
-            for ch in obj_changes:
-                before = ch.before[0] if ch.before else None
-                after = ch.after[0] if ch.after else None
-                obj = after or before
-                if not isinstance(obj, kind) or before == after:
-                    continue
-                if after is None:
-                    {Table: removed_tables, Chain: removed_chains, Set: removed_sets,
-                     Flowtable: removed_sets}[kind].append(before)
-                    continue
-                if before is not None and kind is not Table:  # spec changed: re-create
-                    if kind is Chain:
-                        txn.flush(before).delete(before)
-                    else:
-                        txn.delete(before)
-                        if kind is Set:
-                            recreated_sets.add(after.key)
-                if kind is Chain:
-                    self.stale_chains.pop(after.key, None)
-                txn.add(after)
-        old_rules = self.committed.rules
-        for key, chain_rules in rules.items():
-            if old_rules.get(key) != chain_rules:
-                chain = ctx.objects[key]
-                if key in old_rules:
-                    txn.flush(chain)
-                for r in chain_rules:
-                    txn.add(r)
-        removed_set_keys = {s.key for s in removed_sets}
         deletes: dict = {}
         adds: dict = {}
         for ch in el_changes:
             set_key = ch.key[0]
-            if set_key in removed_set_keys or set_key in recreated_sets:
-                continue
             if ch.before is not None and (ch.after is None or ch.after[0] != ch.before[0]):
                 deletes.setdefault(set_key, []).append((ch.key[1], None, None))
             if ch.after is not None and (ch.before is None or ch.after[0] != ch.before[0]):
                 adds.setdefault(set_key, []).append((ch.key[1], ch.after[0], ch.after[1]))
         _batched(txn, "delete", deletes)
         _batched(txn, "add", adds)
-        for set_key in recreated_sets:
-            changed = {c.key[1]: c for c in el_changes if c.key[0] == set_key}
-            keys = {k for k, _ in self.committed.elements_of(set_key)} | set(changed)
-            for k in keys:
-                val = changed[k].after if k in changed else self.committed.elements.get((set_key, k))
-                if val is not None:
-                    txn.add(_element(set_key, k, val))
-        for s in removed_sets:
-            txn.delete(s)
-        for c in removed_chains:
-            txn.flush(c)
-            self.stale_chains[c.key] = (c, self.clock())
-        for t in removed_tables:
-            txn.delete(t)
         return txn
 
     # -- applying -----------------------------------------------------------------------

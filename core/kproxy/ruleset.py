@@ -144,9 +144,5 @@ class Ruleset:
     def object_view(self) -> dict:
         return dict(self.objects.items())
 
-    def elements_of(self, set_key) -> list[tuple[str, tuple]]:
-        """Every element of one set (a scan: only for rare cases such as a set re-created)."""
-        return [(k[1], v) for k, v in self.elements.items() if k[0] == set_key]
-
 
 __all__ = ["GLOBAL", "RefMap", "Ruleset", "Change", "diff"]
