@@ -52,6 +52,9 @@ class App:
         # set by the source once its initial lists are complete: nothing is programmed
         # before, so a half-filled cache never reaches the datapath
         self.sources_synced = threading.Event()
+        # what plugins keep for the life of this process, each under its own key
+        # (by convention its module's __name__)
+        self.plugin_data: dict = {}
         # every metric of this process, kproxy's and the plugins' (served on /metrics)
         self.metrics = CollectorRegistry(auto_describe=True)
         self.sync_metrics = SyncMetrics(self.metrics)

@@ -52,6 +52,7 @@ class SyncResult:
     apply_seconds: float = 0.0
     transaction: Transaction | None = None
     changed_services: int = 0
+    cleanup_failed: bool = False  # deleting stale chains failed (the sync then went full)
     plugin_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -316,12 +317,14 @@ class Engine:
         return txn
 
     # -- applying -----------------------------------------------------------------------
-    def delete_stale_chains(self) -> None:
-        """Delete chains flushed at least STALE_CHAIN_DELAY ago, in their own transaction."""
+    def delete_stale_chains(self) -> bool:
+        """Delete chains flushed at least STALE_CHAIN_DELAY ago, in their own transaction;
+        False when nft refused (then the next sync is full)."""
         now = self.clock()
         due = [(k, c) for k, (c, t) in self.stale_chains.items() if now - t >= STALE_CHAIN_DELAY]
         if not due:
-            return
+            return True
+        failed = False
         txn = Transaction()
         for _, c in due:
             txn.delete(Chain(c.family, c.table, c.name))
@@ -330,9 +333,10 @@ class Engine:
         except NftError as e:
             log.warning("could not delete stale chains (will retry in a full sync): %s", e)
             self.needs_full = True
+            failed = True
         for k, _ in due:
             self.stale_chains.pop(k, None)
-
+        return not failed
     def sync(self, full: bool | None = None, changed: set | None = None) -> SyncResult:
         """One sync of the current state into the kernel; never raises for plugin or nft
         failures (they are in the result, and the kernel keeps its previous rules)."""
@@ -343,7 +347,7 @@ class Engine:
         result = SyncResult(ok=False, full=full, changed_services=len(changed or ()))
         plan = None
         if self.stale_chains and not full:
-            self.delete_stale_chains()
+            result.cleanup_failed = not self.delete_stale_chains()
             full = full or self.needs_full
             result.full = full
         try:

@@ -68,6 +68,8 @@ class SyncMetrics:
             self.plugin_seconds.labels(name).observe(seconds)
         if result.failed_plugin:
             self.plugin_errors.labels(result.failed_plugin).inc()
+        if result.cleanup_failed:
+            self.cleanup_failures.inc()
         if not result.ok:
             if not result.failed_plugin:
                 self.sync_failures.inc()

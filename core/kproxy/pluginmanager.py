@@ -25,9 +25,8 @@ from . import hookspecs
 
 GROUP = "kproxy"
 DEFAULTS_GROUP = "kproxy.defaults"
-# Hooks the engine calls one plugin at a time. kproxy calls every other hook one plugin at
-# a time too (call_order), so no hook may have a wrapper implementation: it would never run.
-PER_PLUGIN_HOOKS = ("kproxy_pre_render", "kproxy_render_chain")
+# kproxy calls every hook one plugin at a time (call_order), so no hook may have a
+# wrapper implementation: it would never run.
 
 
 class PluginError(Exception):

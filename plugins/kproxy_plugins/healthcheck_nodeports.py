@@ -40,7 +40,6 @@ log = logging.getLogger("kproxy.healthcheck-nodeports")
 
 POLL_INTERVAL = 0.2  # how often a server looks for a stop request (bounds how long a stop takes)
 
-_checks: dict[int, "HealthChecks"] = {}
 
 
 def bind_addresses(ctx) -> list[str]:
@@ -186,14 +185,14 @@ class HealthChecks:
 @hookimpl
 def kproxy_configure(app):
     """Prepare this app's (still empty) set of health check servers."""
-    _checks[id(app)] = HealthChecks(app)
+    app.plugin_data[__name__] = HealthChecks(app)
 
 
 @hookimpl
 def kproxy_post_apply(ctx, result):
     """Track kproxy's health; after a successful sync start and stop servers as the
     Services say and update the local endpoint counts."""
-    checks = _checks.get(id(ctx.app))
+    checks = ctx.app.plugin_data.get(__name__)
     if checks is None:
         return
     checks.observe(result)
@@ -204,6 +203,6 @@ def kproxy_post_apply(ctx, result):
 @hookimpl
 def kproxy_unconfigure(app):
     """Stop every health check server."""
-    checks = _checks.pop(id(app), None)
+    checks = app.plugin_data.pop(__name__, None)
     if checks is not None:
         checks.stop_all()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 
 from kproxy import hookimpl
 from kproxy.links import Link
@@ -57,13 +56,12 @@ class _State:
         self.watcher: LinkWatcher | None = None
 
 
-_states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # App -> _State
 
 
 def _state(app) -> _State:
-    st = _states.get(app)
+    st = app.plugin_data.get(__name__)
     if st is None:
-        st = _states[app] = _State()
+        st = app.plugin_data[__name__] = _State()
     return st
 
 
@@ -123,6 +121,6 @@ def kproxy_pre_render(ctx):
 @hookimpl
 def kproxy_unconfigure(app):
     """Stop following link events."""
-    st = _states.pop(app, None)
+    st = app.plugin_data.pop(__name__, None)
     if st is not None and st.watcher is not None:
         st.watcher.stop()

@@ -252,7 +252,7 @@ def test_plugin_cleans_after_successful_syncs_only(monkeypatch):
     assert not result.ok
     assert fake.left() == {(DNS, 53, C)}  # a failed sync cleans nothing
     app.unconfigure()
-    assert id(app) not in cc._cleaners
+    assert cc.__name__ not in app.plugin_data
 
 
 def test_plugin_is_inert_without_the_nft_backend():
@@ -260,7 +260,7 @@ def test_plugin_is_inert_without_the_nft_backend():
     pm.register(cc, name="conntrack-cleanup")
     app = App(Config(node_name=NODE), FakeNft(), pm, ["conntrack-cleanup"])
     app.configure()
-    assert cc._cleaners[id(app)].conntrack is None
+    assert app.plugin_data[cc.__name__].conntrack is None
     assert app.sync(full=True).ok
     app.unconfigure()
 

@@ -153,7 +153,7 @@ def test_without_core_health_a_sync_failing_for_two_sync_periods_is_unhealthy(ap
     put(app, lb(port), web_slice("10.0.1.2"))
     app.sync(full=True)
     app.health = None
-    checks = hc._checks[id(app)]
+    checks = app.plugin_data[hc.__name__]
     checks.observe(SimpleNamespace(ok=False))
     assert get(port)[0] == 200  # failing, but not for long yet
     checks.failing_since = time.monotonic() - 2 * app.config.sync_period - 1
@@ -169,7 +169,7 @@ def test_unconfigure_stops_every_server(app):
     assert get(port)[0] == 200
     app.unconfigure()
     assert refused(port)
-    assert id(app) not in hc._checks
+    assert hc.__name__ not in app.plugin_data
 
 
 def test_bind_addresses_follow_node_port_addresses(monkeypatch):

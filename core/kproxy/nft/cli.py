@@ -19,6 +19,8 @@ _LOCATION = re.compile(r"^(?:/dev/stdin|-):(\d+):[\d\-]+: Error: (.*)$")
 class NftCLI:
     """Applies transactions with the ``nft`` program in the current network namespace."""
 
+    programs_kernel = True  # plugins that act on the kernel themselves (conntrack) check this
+
     def __init__(self, nft: str = "nft"):
         self.nft = nft
 

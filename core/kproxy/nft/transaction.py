@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from .objects import Chain, Counter, Element, Elements, Flowtable, Rule, Set, Table
 
 Obj = Table | Chain | Rule | Set | Element | Elements | Flowtable | Counter
-VERBS = ("add", "create", "flush", "delete", "insert", "replace")
 
 
 @dataclass(frozen=True)

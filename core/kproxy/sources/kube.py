@@ -41,12 +41,12 @@ import time
 from urllib.parse import urlsplit
 
 from .. import __version__
-from ..model import EndpointSlice, Node, Service, ServiceCIDR
+from ..model import HEADLESS_LABEL, PROXY_NAME_LABEL, EndpointSlice, Node, Service, ServiceCIDR
 from .reflector import Reflector, ReflectorStatus, Resource, WatchOptions
 
 log = logging.getLogger("kproxy.kube")
 
-PROXY_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+PROXY_SELECTOR = f"!{PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
 REQUIRED = ("Service", "EndpointSlice")  # the kinds whose initial list gates the first sync
 
 

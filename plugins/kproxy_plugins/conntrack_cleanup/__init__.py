@@ -47,7 +47,6 @@ from prometheus_client import Counter, Histogram
 
 from kproxy import hookimpl
 from kproxy.context import MAIN_TABLE
-from kproxy.nft import NftCLI
 
 from ..layout import CLUSTER_IPS
 from . import netlink
@@ -58,7 +57,6 @@ BUCKETS = tuple(0.001 * 2**i for i in range(15))  # kube-proxy: ExponentialBucke
 FAMILY_LABEL = {4: "IPv4", 6: "IPv6"}
 NO_ENDPOINTS: frozenset = frozenset()
 
-_cleaners: dict[int, "Cleaner"] = {}
 
 
 @dataclass(frozen=True)
@@ -248,8 +246,8 @@ class Cleaner:
 
 def conntrack_for(app):
     """The conntrack table this app may clean: the kernel's when kproxy programs the
-    kernel (the ``nft`` backend), else None (dry run, fake backends)."""
-    return NetlinkConntrack() if isinstance(app.backend, NftCLI) else None
+    kernel (``backend.programs_kernel``), else None (dry run, fake backends)."""
+    return NetlinkConntrack() if getattr(app.backend, "programs_kernel", False) else None
 
 
 @hookimpl
@@ -257,13 +255,13 @@ def kproxy_configure(app):
     """Register the metrics and note the ClusterIPs a previous kproxy programmed."""
     conntrack = conntrack_for(app)
     former = kernel_cluster_ips(getattr(app.backend, "nft", "nft")) if conntrack is not None else ()
-    _cleaners[id(app)] = Cleaner(conntrack, app.metrics, former)
+    app.plugin_data[__name__] = Cleaner(conntrack, app.metrics, former)
 
 
 @hookimpl
 def kproxy_post_apply(ctx, result):
     """After a successful sync, delete the UDP conntrack entries it made stale."""
-    cleaner = _cleaners.get(id(ctx.app))
+    cleaner = ctx.app.plugin_data.get(__name__)
     if cleaner is None or cleaner.conntrack is None or not result.ok:
         return
     try:
@@ -276,4 +274,4 @@ def kproxy_post_apply(ctx, result):
 @hookimpl
 def kproxy_unconfigure(app):
     """Forget this app's state."""
-    _cleaners.pop(id(app), None)
+    app.plugin_data.pop(__name__, None)

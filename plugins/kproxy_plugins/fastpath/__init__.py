@@ -32,7 +32,6 @@ set key are in ``ruleset``, the choice of interfaces in ``devices``, the program
 
 from __future__ import annotations
 
-import weakref
 
 from kproxy import hookimpl
 from kproxy.nft import values as v
@@ -42,7 +41,6 @@ from .controller import Fastpath
 from .devices import eligible_devices
 
 PLUGIN = "fastpath"
-_controllers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # App -> Fastpath
 
 
 def list_links():
@@ -54,7 +52,7 @@ def list_links():
 
 def controller(app) -> Fastpath | None:
     """The fastpath controller of ``app`` (None before ``kproxy_configure``)."""
-    return _controllers.get(app)
+    return app.plugin_data.get(__name__)
 
 
 @hookimpl
@@ -74,14 +72,14 @@ def kproxy_configure(app):
     opts = app.options(PLUGIN)
     v.integer(opts["packet-threshold"], 0)  # fits nft's comparison, or kproxy stops here naming the plugin
     fp = Fastpath(app, opts["packet-threshold"], opts["mode"], lambda: list_links())
-    _controllers[app] = fp
+    app.plugin_data[__name__] = fp
     fp.start()
 
 
 @hookimpl
 def kproxy_unconfigure(app):
     """Forget the controller; the table stays in the kernel, like every kproxy rule."""
-    _controllers.pop(app, None)
+    app.plugin_data.pop(__name__, None)
 
 
 @hookimpl

@@ -214,21 +214,10 @@ class Counters:
         """Create (or take over) both tables: structure, counters, elements; delete counters
         nobody wants any more. Existing counters keep their values."""
         txn = Transaction()
+        present = set(self.app.backend.list_tables())
         for ver, fam in FAMILIES.items():
-            txn.add(table(ver))
-            for obj in structure(ver):
-                txn.add(obj)
-                txn.flush(obj)
-            for name, lab in sorted(self._counters_of(ver, wanted).items()):
-                txn.add(Counter(fam, TABLE_NAME, name, labels_comment(lab)))
-            for (ev, key), (pk, nw, _) in wanted.items():
-                if ev == ver:
-                    txn.add(Element(fam, TABLE_NAME, PACKETS_MAP, key, f'"{pk}"'))
-                    txn.add(Element(fam, TABLE_NAME, NEW_MAP, key, f'"{nw}"'))
-            for hook in ("prerouting", "output"):
-                for r in rules(ver, hook):
-                    txn.add(r)
-            existing = read_counters(self.app.backend, fam) if (fam, TABLE_NAME) in set(self.app.backend.list_tables()) else {}
+            add_contents(txn, ver, wanted, flush=True)
+            existing = read_counters(self.app.backend, fam) if (fam, TABLE_NAME) in present else {}
             for name in sorted(set(existing) - set(self._counters_of(ver, wanted))):
                 txn.delete(Counter(fam, TABLE_NAME, name))
         self.app.backend.apply(txn)
@@ -310,6 +299,26 @@ def kproxy_post_apply(ctx, result):
         c.after_sync(ctx)
 
 
+def add_contents(txn: Transaction, ver: int, wanted: dict, flush: bool = False) -> None:
+    """Add one family's table, structure (flushed when ``flush``), counters, map
+    elements and rules to ``txn``."""
+    fam = FAMILIES[ver]
+    txn.add(table(ver))
+    for obj in structure(ver):
+        txn.add(obj)
+        if flush:
+            txn.flush(obj)
+    for name, lab in sorted(Counters._counters_of(ver, wanted).items()):
+        txn.add(Counter(fam, TABLE_NAME, name, labels_comment(lab)))
+    for (ev, key), (pk, nw, _) in sorted(wanted.items()):
+        if ev == ver:
+            txn.add(Element(fam, TABLE_NAME, PACKETS_MAP, key, f'"{pk}"'))
+            txn.add(Element(fam, TABLE_NAME, NEW_MAP, key, f'"{nw}"'))
+    for hook in ("prerouting", "output"):
+        for r in rules(ver, hook):
+            txn.add(r)
+
+
 @hookimpl
 def kproxy_render_script(ctx):
     """The counter tables as they would be created for this state (``kproxy render``)."""
@@ -317,17 +326,6 @@ def kproxy_render_script(ctx):
     for svc in ctx.state.services.values():
         wanted.update(service_elements(svc))
     txn = Transaction()
-    for ver, fam in FAMILIES.items():
-        txn.add(table(ver))
-        for obj in structure(ver):
-            txn.add(obj)
-        for name, lab in sorted(Counters._counters_of(ver, wanted).items()):
-            txn.add(Counter(fam, TABLE_NAME, name, labels_comment(lab)))
-        for (ev, key), (pk, nw, _) in sorted(wanted.items()):
-            if ev == ver:
-                txn.add(Element(fam, TABLE_NAME, PACKETS_MAP, key, f'"{pk}"'))
-                txn.add(Element(fam, TABLE_NAME, NEW_MAP, key, f'"{nw}"'))
-        for hook in ("prerouting", "output"):
-            for r in rules(ver, hook):
-                txn.add(r)
+    for ver in FAMILIES:
+        add_contents(txn, ver, wanted)
     return txn
