@@ -966,12 +966,6 @@ def test_session_affinity(env):
     assert changed, f"no client changed endpoint after its 3 s affinity expired: {short2}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kproxy keys ClientIP affinity on the destination address: its map @affinity is "
-    "'ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport' (filled from "
-    "'ct original ip daddr'), so the ClusterIP, each LB IP / externalIP and the NodePort "
-    "of one Service port have separate affinities; kube-proxy keeps one per (client, "
-    "Service port)"))
 def test_session_affinity_covers_every_address_of_the_service_port(env):
     """kube-proxy keeps ClientIP affinity per (client, Service port): the affinity sets
     belong to the endpoint chains, and the ClusterIP, the LB IP and the NodePort all
@@ -985,6 +979,56 @@ def test_session_affinity_covers_every_address_of_the_service_port(env):
     # independent picks per address would agree for all 12 clients with probability 4**-12
     differ = {ip: (via_cip[ip], via_lb[ip], via_np[ip]) for ip in sources if not via_cip[ip] == via_lb[ip] == via_np[ip]}
     assert not differ, f"clients got other endpoints through the LB IP / NodePort than through the ClusterIP: {differ}"
+
+
+def test_session_affinity_only_moves_the_clients_of_a_removed_endpoint(env):
+    """kube-proxy deletes a removed endpoint's affinity set with its chain: that
+    endpoint's clients get a new pick, every other client keeps its endpoint (and a
+    removed endpoint is never reached through a remembered affinity)."""
+    svc = service("sticky", "172.30.0.81", [("p80", "TCP", 80)], ns="ns1", sessionAffinity="ClientIP")
+    sync(env, [svc, endpoint_slice("sticky", [a(1), b(1)], P80, ns="ns1")])
+    sources = env.aff_sources[:16]
+    before = affinity_picks(env, "172.30.0.81", 80, count=2, sources=sources)
+    assert set(before.values()) == {a(1), b(1)}, before  # all on one endpoint: p = 2**-15
+    sync(env, [svc, endpoint_slice("sticky", [a(1), b(2)], P80, ns="ns1")])  # b(1) replaced by b(2)
+    after = affinity_picks(env, "172.30.0.81", 80, count=2, sources=sources)
+    kept = {ip: after[ip] for ip in sources if before[ip] == a(1)}
+    assert kept == {ip: a(1) for ip in kept}, f"clients of the remaining endpoint lost their affinity: {kept}"
+    moved = {ip: after[ip] for ip in sources if before[ip] == b(1)}
+    assert set(moved.values()) <= {a(1), b(2)}, f"clients still sent to the removed endpoint: {moved}"
+
+
+def test_session_affinity_with_external_policy_local_stays_local(env):
+    """eTP Local with affinity: an external client that the ClusterIP keeps on a remote
+    endpoint still reaches only local endpoints through the LB IP and the NodePort
+    (kube-proxy's local Service chain checks only the local endpoints' affinity sets),
+    and its ClusterIP affinity is not disturbed by that."""
+    svc = service("sticky", "172.30.0.81", [("p80", "TCP", 80, 3001)], ns="ns1", type="LoadBalancer",
+                  status=lb_status("1.2.3.81"), externalTrafficPolicy="Local", sessionAffinity="ClientIP")
+    remote = endpoint(b(1), node="node-2")
+    sync(env, [svc, endpoint_slice("sticky", [remote], P80, ns="ns1")])
+    far = env.client("far")
+    assert answered_at(far.probe("172.30.0.81", 80, count=3)) == {b(1): 3}
+    sync(env, [svc, endpoint_slice("sticky", [remote, endpoint(a(1))], P80, ns="ns1")])  # a(1) is local
+    assert answered_at(far.probe("172.30.0.81", 80, count=4)) == {b(1): 4}, "ClusterIP affinity lost"
+    assert answered_at(far.probe("1.2.3.81", 80, count=4)) == {a(1): 4}, "LB IP left the node"
+    assert answered_at(far.probe(NODE_IP, 3001, count=4)) == {a(1): 4}, "NodePort left the node"
+    assert answered_at(far.probe("172.30.0.81", 80, count=2)) == {b(1): 2}
+
+
+def test_session_affinity_ipv6(env):
+    """ClientIP affinity on IPv6, one per Service port as on IPv4: the ClusterIP and the
+    NodePort (on the Node's primary IPv6 address) agree."""
+    sync(env, [service("sticky6", "fd00:172:30::81", [("p80", "TCP", 80, 3001)], type="NodePort",
+                       ipFamilies=["IPv6"], sessionAffinity="ClientIP"),
+               endpoint_slice("sticky6", [a6(1), b6(1)], P80, address_type="IPv6")])
+    pc, far = env.client("pc"), env.client("far")
+    via_cip = answered_at(pc.probe("fd00:172:30::81", 80, count=20))
+    assert len(via_cip) == 1 and set(via_cip) <= {a6(1), b6(1)}, f"not sticky: {via_cip}"  # p = 2**-19
+    via_np = answered_at(pc.probe(NODE_IP6, 3001, count=6))
+    assert via_np == {next(iter(via_cip)): 6}, f"NodePort disagrees with the ClusterIP: {via_np} vs {via_cip}"
+    external = answered_at(far.probe(NODE_IP6, 3001, count=20))
+    assert len(external) == 1 and set(external) <= {a6(1), b6(1)}, f"not sticky: {external}"
 
 
 # -- dual-stack --------------------------------------------------------------------------

@@ -457,3 +457,34 @@ def test_parse_error_without_location():
     assert err.line is None
     assert str(err) == "Error: Could not process rule: Operation not permitted"
     assert str(parse_error("", "add table ip t\n")) == "nft failed without a message"
+
+
+def test_list_elements_reads_nfts_json(monkeypatch):
+    """NftCLI.list_elements on nft 1.0.6's JSON for a timeout map and a concatenated set."""
+    import subprocess
+
+    from kproxy.nft import NftCLI, Set
+
+    outputs = {
+        "aff": '{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"map": {"family": "ip", "name": "aff", '
+               '"table": "t", "type": "ipv4_addr", "map": "ipv4_addr", "flags": ["timeout"], "elem": ['
+               '[{"elem": {"val": "10.0.24.2", "timeout": 10800, "expires": 10793}}, "10.0.21.2"], '
+               '["10.0.24.3", "10.0.22.2"]]}}]}',
+        "eps": '{"nftables": [{"set": {"family": "ip", "name": "eps", "table": "t", "type": ["ipv4_addr", '
+               '"inet_service"], "elem": [{"concat": ["10.1.1.1", 80]}]}}]}',
+        "v": '{"nftables": [{"map": {"family": "ip", "name": "v", "table": "t", "type": "inet_service", '
+             '"map": "verdict", "elem": [[80, {"goto": {"target": "c-2"}}], [81, {"drop": null}]]}}]}',
+    }
+    calls = []
+
+    def run(self, args, input_text=None):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, outputs[args[-1]], "")
+
+    monkeypatch.setattr(NftCLI, "_run", run)
+    nft = NftCLI()
+    assert nft.list_elements(Set("ip", "t", "aff", "ipv4_addr", "ipv4_addr")) == {
+        "10.0.24.2": "10.0.21.2", "10.0.24.3": "10.0.22.2"}
+    assert nft.list_elements(Set("ip", "t", "eps", "ipv4_addr . inet_service")) == {"10.1.1.1 . 80": None}
+    assert nft.list_elements(Set("ip", "t", "v", "inet_service", "verdict")) == {"80": "goto c-2", "81": "drop"}
+    assert calls[0] == ["-j", "list", "map", "ip", "t", "aff"] and calls[1][2] == "set"

@@ -80,12 +80,50 @@ class NftCLI:
                                                       devices=tuple([devs] if isinstance(devs, str) else devs))
         return out
 
+    def list_elements(self, s: Set) -> dict[str, str | None]:
+        """The elements of set or map ``s`` as the kernel has them now (filled by the
+        packet path too, for dynamic sets): key text -> value text (None in a set).
+        Concatenations are joined with " . "; timeouts and expiry are left out."""
+        proc = self._run(["-j", "list", s.kind, s.family, s.table, s.name])
+        if proc.returncode != 0:
+            raise NftError(f"nft list {s.ref()} failed: {proc.stderr.strip()}")
+        out: dict[str, str | None] = {}
+        for item in json.loads(proc.stdout)["nftables"]:
+            s = item.get("set") or item.get("map")
+            if s is None:
+                continue
+            for e in s.get("elem", ()):
+                if isinstance(e, list):  # a map element: [key, value]
+                    out[_element_text(e[0])] = _element_text(e[1])
+                else:
+                    out[_element_text(e)] = None
+        return out
+
     def list_ruleset(self, family: str | None = None, table: str | None = None) -> str:
         args = ["list", "table", family, table] if table else ["list", "ruleset"]
         proc = self._run(args)
         if proc.returncode != 0:
             raise NftError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
+
+
+def _element_text(item) -> str:
+    """nft's JSON for one key or value, as element text."""
+    if isinstance(item, dict):
+        if "elem" in item:
+            return _element_text(item["elem"]["val"])
+        if "concat" in item:
+            return " . ".join(_element_text(i) for i in item["concat"])
+        if "prefix" in item:
+            return f"{item['prefix']['addr']}/{item['prefix']['len']}"
+        if "range" in item:
+            return "-".join(_element_text(i) for i in item["range"])
+        for verdict in ("goto", "jump"):
+            if verdict in item:
+                return f"{verdict} {item[verdict]['target']}"
+        if len(item) == 1:  # accept, drop, ...
+            return next(iter(item))
+    return str(item)
 
 
 def parse_error(stderr: str, text: str) -> NftError:

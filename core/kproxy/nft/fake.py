@@ -77,6 +77,13 @@ class FakeNft:
     def rules(self, family: str, table: str, chain: str) -> list[str]:
         return [r.body() for _, r in self.tables[(family, table)].rules[chain]]
 
+    def list_elements(self, s: Set) -> dict[str, str | None]:
+        """Like ``NftCLI.list_elements``."""
+        t = self.tables.get((s.family, s.table))
+        if t is None or s.name not in t.elements:
+            raise NftError(f"No such file or directory: {s.ref()}")
+        return self.elements(s.family, s.table, s.name)
+
     def elements(self, family: str, table: str, set_name: str) -> dict[str, str | None]:
         return {k: v for k, (v, _) in self.tables[(family, table)].elements[set_name].items()}
 

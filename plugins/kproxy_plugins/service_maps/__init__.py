@@ -19,10 +19,7 @@ externalTrafficPolicy Local: chains ``external-local`` / ``nodeport-local`` shor
 pod traffic and node traffic (masqueraded) to the cluster-wide endpoints through
 ``*-cluster-dispatch`` maps, and send the rest to local endpoints through
 ``*-local-dispatch``.
-Session affinity (ClientIP): the dynamic map ``affinity`` (client . destination :
-endpoint), filled after DNAT in ``affinity-record`` for destinations in
-``affinity-<timeout>`` sets and looked up first in every load-balancing chain. IPv4
-only: nft 1.0.6 cannot build the IPv6 map update (too wide for its registers).
+Session affinity (ClientIP): per Service port, see ``affinity``.
 Checks (filter hooks, after DNAT would have happened): ``no-endpoint-services`` and
 ``no-endpoint-nodeports`` (drop or ``goto reject-chain``), ``cluster-ips-check``
 (REJECT unserved ports of live ClusterIPs, DROP unallocated ServiceCIDR addresses),
@@ -41,6 +38,7 @@ from kproxy.nft import values as v
 
 from .. import layout as L
 from ..localdetect import local_match
+from . import affinity as A
 from .nodeport_addresses import nodeport_ips
 
 GROUPS = ("cluster", "local", "nodeport-cluster", "nodeport-local")
@@ -56,7 +54,6 @@ BASE_CHAINS = (
 )
 REGULAR_CHAINS = (L.SERVICES, "external-local", "nodeport-local", "service-endpoints-check",
                   "nodeport-endpoints-check", "cluster-ips-check", "firewall-check", "reject-chain")
-PROTOS = ("tcp", "udp", "sctp")
 
 
 class FamilyMaps:
@@ -93,15 +90,15 @@ class FamilyMaps:
         value = f"{a} daddr . th dport"
         self.backends = {g: decl(f"{g}-backends", port_key if g.startswith("nodeport") else addr_key, value, typeof=True)
                          for g in GROUPS}
-        self.affinity = decl("affinity", f"{a} saddr . {a} daddr . meta l4proto . th dport", value, typeof=True,
-                             flags=("dynamic", "timeout"), timeout=10800, comment="ClientIP session affinity")
+        self.affinity = A.Affinity(ctx, fam, table, version)
         self.nodeport_ips = None
         self._ctx = ctx
         self._chains: dict = {}
 
-    def balance(self, group: str, key: str, endpoints) -> str:
+    def balance(self, group: str, key: str, endpoints, sticky: A.PortAffinity | None = None) -> str:
         """Add the backend elements of one destination (and declare the chain that
-        balances over them); returns the verdict that reaches them."""
+        balances over them); returns the verdict that reaches them (through the
+        Service port's affinity chain when ``sticky``)."""
         n = len(endpoints)
         chain = self._chains.get((group, n))
         if chain is None:
@@ -109,15 +106,8 @@ class FamilyMaps:
         self._ctx.declare(chain)
         for i, ep in enumerate(endpoints):
             self._ctx.add_element(self.backends[group], f"{key} . {i}", f"{v.ip(ep.ip, self.version)} . {v.port(ep.port)}")
-        return f"goto {group}-{n}"
-
-    def affinity_for(self, timeout: int) -> tuple[Set, Set]:
-        """The sets of destinations whose affinity entries live ``timeout`` seconds."""
-        t = v.addr_type(self.fam)
-        return (
-            self._ctx.declare(Set(self.fam, self.table, f"affinity-{timeout}", f"{t} . inet_proto . inet_service")),
-            self._ctx.declare(Set(self.fam, self.table, f"affinity-nodeports-{timeout}", "inet_proto . inet_service")),
-        )
+        verdict = f"goto {group}-{n}"
+        return sticky.verdict(group, key, verdict, endpoints) if sticky else verdict
 
 
 def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node_ip: str | None):
@@ -128,28 +118,27 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
     proto, pnum = v.proto(port.protocol), v.port(port.port)
     comment = svc.port_name(port)
     reject = "goto reject-chain"
-    # nft 1.0.6 cannot update a map keyed by two IPv6 addresses from the packet path
-    # (its register allocator asserts), so ClientIP affinity is IPv4-only for now.
-    affinity = m.affinity_for(svc.affinity_timeout) if svc.affinity_timeout and version == 4 else None
 
     def family_ips(ips):
         return [v.ip(ip, version) for ip in ips if (":" in ip) == (version == 6)]
 
     if not family_ips(svc.cluster_ips):
         return  # like kube-proxy, a family handles only the Services that have a ClusterIP of it
+    sticky = m.affinity.port(svc, port, eps.local) if svc.affinity_timeout and eps.has_any else None
     for ip in family_ips(svc.cluster_ips):
         dest = f"{ip} . {proto} . {pnum}"
         add(m.cluster_ips, ip)
         if internal:
-            add(m.service_ips, dest, m.balance("local" if svc.internal_policy_local else "cluster", dest, internal), comment)
-            if affinity:
-                add(affinity[0], dest)
+            group = "local" if svc.internal_policy_local else "cluster"
+            add(m.service_ips, dest, m.balance(group, dest, internal, sticky), comment)
+            if sticky:
+                sticky.record_address(dest)
         else:
             add(m.no_endpoint_services, dest, "drop" if eps.has_any else reject, comment)
 
     lb_ips = [i.ip for i in svc.lb_ingress if i.ip_mode != "Proxy"]
     for ip in family_ips(list(svc.external_ips) + lb_ips):
-        _program_external(ctx, m, svc, eps, f"{ip} . {proto} . {pnum}", "", affinity and affinity[0], comment)
+        _program_external(ctx, m, svc, eps, f"{ip} . {proto} . {pnum}", "", sticky, comment)
 
     ranges = [r for r in svc.lb_source_ranges if ipaddress.ip_network(r).version == version]
     for ip in family_ips(lb_ips) if ranges else ():
@@ -162,11 +151,10 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
                 add(m.firewall_allow, f"{dest} . {own}/{32 if version == 4 else 128}")
 
     if port.node_port and svc.type in ("NodePort", "LoadBalancer"):
-        _program_external(ctx, m, svc, eps, f"{proto} . {v.port(port.node_port)}", "nodeport-",
-                          affinity and affinity[1], comment)
+        _program_external(ctx, m, svc, eps, f"{proto} . {v.port(port.node_port)}", "nodeport-", sticky, comment)
 
 
-def _program_external(ctx, m: FamilyMaps, svc, eps, key: str, kind: str, affinity_set, comment: str):
+def _program_external(ctx, m: FamilyMaps, svc, eps, key: str, kind: str, sticky, comment: str):
     """The elements of one external destination: an externalIP or LB IP (``kind`` "",
     ``key`` addr . proto . port) or the NodePort (``kind`` "nodeport-", proto . port)."""
     add = ctx.add_element
@@ -175,14 +163,16 @@ def _program_external(ctx, m: FamilyMaps, svc, eps, key: str, kind: str, affinit
         if svc.external_policy_local:
             add(dispatch, key, f"goto {kind or 'external-'}local", comment)
             if eps.cluster:
-                add(m.dispatch[f"{kind}cluster"], key, m.balance(f"{kind}cluster", key, eps.cluster))
+                add(m.dispatch[f"{kind}cluster"], key, m.balance(f"{kind}cluster", key, eps.cluster, sticky))
             if eps.local:
-                add(m.dispatch[f"{kind}local"], key, m.balance(f"{kind}local", key, eps.local))
+                add(m.dispatch[f"{kind}local"], key, m.balance(f"{kind}local", key, eps.local, sticky))
         else:
-            add(dispatch, key, m.balance(f"{kind}cluster", key, eps.cluster), comment)
+            add(dispatch, key, m.balance(f"{kind}cluster", key, eps.cluster, sticky), comment)
             add(m.nodeport_masq if kind else m.external_masq, key)
-        if affinity_set:
-            add(affinity_set, key)
+        if sticky and kind:
+            sticky.record_nodeport(key, set(eps.cluster) | set(eps.local))
+        elif sticky:
+            sticky.record_address(key)
     if not eps.for_external(svc):
         no_endpoints = m.no_endpoint_nodeports if kind else m.no_endpoint_services
         add(no_endpoints, key, "drop" if eps.has_any else "goto reject-chain", comment)
@@ -259,26 +249,30 @@ def _rules(ctx, chain) -> list | None:
                   (f"fib saddr type local {key} vmap @{prefix}cluster-dispatch", "short-circuit local traffic"),
                   f"{key} vmap @{prefix}local-dispatch"]
         return rules
-    timeouts = sorted(int(s.name.rsplit("-", 1)[1]) for s in ctx.declared(Set)
-                      if s.family == chain.family and s.name.startswith("affinity-") and s.name[9:].isdigit())
-    if name == "affinity-record":
-        rules = []
-        for timeout in timeouts:
-            for proto in PROTOS:
-                record = (f"update @affinity {{ {a} saddr . ct original {a} daddr . meta l4proto . ct original proto-dst "
-                          f"timeout {timeout}s : {a} daddr . th dport }}")
-                rules.append(f"meta l4proto {proto} ct status dnat ct original {a} daddr . meta l4proto . "
-                             f"ct original proto-dst @affinity-{timeout} {record}")
-                rules.append(f"meta l4proto {proto} ct status dnat meta l4proto . ct original proto-dst "
-                             f"@affinity-nodeports-{timeout} {record}")
-        return rules
+    sticky = A.rules(ctx, chain, a)
+    if sticky is not None:
+        return sticky
     group, _, n = name.rpartition("-")
     if group in GROUPS and n.isdigit():
         key = dest if not group.startswith("nodeport") else "meta l4proto . th dport"
-        rules = [f"dnat {a} to {a} saddr . {a} daddr . meta l4proto . th dport map @affinity"] if timeouts else []
-        rules.append(f"dnat {a} to {key} . numgen random mod {n} map @{group}-backends")
-        return rules
+        return [f"dnat {a} to {key} . numgen random mod {n} map @{group}-backends"]
     return None
+
+
+@hookimpl
+def kproxy_post_apply(ctx, result):
+    """Release ClientIP-affinity clients of endpoints this sync stopped using."""
+    if not result.ok or "service-maps" not in ctx.plugin_data:
+        return
+    known = ctx.app.plugin_data.setdefault("service-maps/affinity", {})
+    now = A.usable_endpoints(m.affinity for m in ctx.plugin_data["service-maps"].values())
+    if ctx.full:  # forget Service ports that are gone
+        before, known = known, {}
+        ctx.app.plugin_data["service-maps/affinity"] = known
+    else:
+        before = known
+    A.release_removed(ctx.app.backend, before, now)  # an error is logged by the engine
+    known.update(now)
 
 
 @hookimpl
