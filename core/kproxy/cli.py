@@ -163,6 +163,12 @@ class PrintBackend:
         except NftError:
             return []
 
+    def list_objects(self, family, table):
+        return self.real.list_objects(family, table)  # reading only
+
+    def list_elements(self, s):
+        return self.real.list_elements(s)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kproxy")
