@@ -95,26 +95,21 @@ class Affinity:
     def __init__(self, ctx, family: str, table: str, version: int):
         self.ctx, self.fam, self.table, self.version = ctx, family, table, version
         self.t = v.addr_type(family)
-        dest, np = f"{self.t} . inet_proto . inet_service", "inet_proto . inet_service"
-        self._shared = {
-            "records": (f"{PREFIX}records", dest),
-            "nodeport_records": (f"{PREFIX}nodeport-records", f"{np} . {self.t} . inet_service"),
-            **{g: (f"{PREFIX}{g}-balance", np if g.startswith("nodeport") else dest) for g in GROUPS},
-        }
         self.balance: dict[str, Set] = {}
         self.records = self.nodeport_records = self.local_endpoints = None
         self.ports: dict[str, PortAffinity] = {}  # rendered in this sync, by id
 
     def _declare_shared(self):
-        decl = self.ctx.declare
-        for attr, (name, key) in self._shared.items():
-            s = decl(Set(self.fam, self.table, name, key, "verdict"))
-            if attr in GROUPS:
-                self.balance[attr] = s
-            else:
-                setattr(self, attr, s)
-        self.local_endpoints = decl(Set(self.fam, self.table, f"{PREFIX}local-endpoints", f"{self.t} . inet_service",
-                                        comment="this node's endpoints of Service ports with affinity"))
+        def vmap(name, key):
+            return self.ctx.declare(Set(self.fam, self.table, PREFIX + name, key, "verdict"))
+
+        dest, np = f"{self.t} . inet_proto . inet_service", "inet_proto . inet_service"
+        self.records = vmap("records", dest)
+        self.nodeport_records = vmap("nodeport-records", f"{np} . {self.t} . inet_service")
+        self.balance = {g: vmap(f"{g}-balance", np if g.startswith("nodeport") else dest) for g in GROUPS}
+        self.local_endpoints = self.ctx.declare(Set(
+            self.fam, self.table, f"{PREFIX}local-endpoints", f"{self.t} . inet_service",
+            comment="this node's endpoints of Service ports with affinity"))
 
     def port(self, svc, port, local_endpoints) -> PortAffinity:
         """Declare the objects of one Service port with ClientIP affinity (call inside
@@ -145,8 +140,8 @@ def rules(ctx, chain, a: str) -> list | None:
     """Rules of the affinity chains (None for other chains)."""
     name = chain.name
     if name == "affinity-record":
-        if not any(s.family == chain.family and s.name == f"{PREFIX}records" for s in ctx.declared(Set)):
-            return []
+        if ("set", chain.family, chain.table, f"{PREFIX}records") not in ctx.objects:
+            return []  # no Service port with affinity
         out = []
         for proto in PROTOS:  # "ct original proto-dst" needs a protocol
             out.append(f"meta l4proto {proto} ct status dnat ct original {a} daddr . meta l4proto . "
@@ -203,10 +198,6 @@ def release_removed(backend, before: dict, now: dict) -> int:
     return released
 
 
-def _address(text: str):
-    return ipaddress.ip_address(text)
-
-
 def remove_stale(backend, family: str, table: str, h: str, local: bool, usable: set) -> int:
     """Delete the entries of one affinity that point at an endpoint outside ``usable``
     ((address, port) pairs); returns how many clients were released. Each entry is
@@ -218,9 +209,9 @@ def remove_stale(backend, family: str, table: str, h: str, local: bool, usable: 
     except NftError as e:  # the map is gone: nothing to clean
         log.debug("affinity %s: %s", addr_map, e)
         return 0
-    wanted = {(_address(ip), int(p)) for ip, p in usable}
+    wanted = {(ipaddress.ip_address(ip), int(p)) for ip, p in usable}
     stale = {c for c in set(addrs) | set(ports)
-             if c not in addrs or c not in ports or (_address(addrs[c]), int(ports[c])) not in wanted}
+             if c not in addrs or c not in ports or (ipaddress.ip_address(addrs[c]), int(ports[c])) not in wanted}
     if not stale:
         return 0
     txn = Transaction()
