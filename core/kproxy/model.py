@@ -269,6 +269,11 @@ def service_from_raw(raw: api.ServiceObj) -> Service:
     )
 
 
+def _hints(names: list[api.HintName] | None) -> tuple[str, ...] | None:
+    # with topology-aware routing every endpoint has hints, mostly the same few
+    return None if names is None else _share(tuple(_intern(h.name) for h in names))
+
+
 def slice_from_raw(raw: api.EndpointSliceObj) -> EndpointSlice:
     m = raw.metadata
     ref = _ref(m)
@@ -292,8 +297,8 @@ def slice_from_raw(raw: api.EndpointSliceObj) -> EndpointSlice:
                 ip=addr,
                 ready=c.ready is not False, serving=c.serving is not False, terminating=c.terminating is True,
                 node_name=_intern(e.node_name), zone=_intern(e.zone),
-                zone_hints=tuple(h.name for h in hints.for_zones) if hints and hints.for_zones is not None else None,
-                node_hints=tuple(h.name for h in hints.for_nodes) if hints and hints.for_nodes is not None else None,
+                zone_hints=_hints(hints.for_zones) if hints else None,
+                node_hints=_hints(hints.for_nodes) if hints else None,
             ))
     ports = []
     for i, p in enumerate(raw.ports):
