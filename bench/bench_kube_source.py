@@ -24,7 +24,12 @@ Targets from issue 5: first complete sync within 5 s, peak RSS under 150 MiB, on
 to rules within 20 ms.
 
     sudo .venv/bin/python bench/bench_kube_source.py [--services 10000] [--endpoints 10]
-                                                     [--events 50] [--only fake|nft]
+                                                     [--events 50] [--only fake|nft] [--hints]
+
+``--hints`` gives every endpoint topology hints (forZones and forNodes), as the
+EndpointSlice controller does with topology-aware routing; kproxy then keeps the hints
+of 100k endpoints in its state but programs only the endpoints hinted for its node, so
+the datapath (and the sync) is smaller than without.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ CLONE_NEWNET = 0x40000000
 
 
 # -- the objects -------------------------------------------------------------------------------
-def objects(n: int, endpoints: int):
+def objects(n: int, endpoints: int, hints: bool = False):
     """N Services (100 per namespace) with one TCP port, and one slice of E endpoints each."""
     for i in range(n):
         ns, name = f"bench-{i // 100}", f"svc-{i}"
@@ -62,24 +67,28 @@ def objects(n: int, endpoints: int):
                         "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}],
                         "selector": {"app": name}, "sessionAffinity": "None",
                         "internalTrafficPolicy": "Cluster"}}
-        yield slice_of(i, endpoints)
+        yield slice_of(i, endpoints, hints=hints)
 
 
-def slice_of(i: int, endpoints: int, first_ip: str | None = None) -> dict:
+def slice_of(i: int, endpoints: int, first_ip: str | None = None, hints: bool = False) -> dict:
     base = i * endpoints
     ips = [f"10.{128 + (base + j) // 65536}.{(base + j) // 256 % 256}.{(base + j) % 256}" for j in range(endpoints)]
     if first_ip:
         ips[0] = first_ip
+    eps = [{"addresses": [ip], "conditions": {"ready": True, "serving": True, "terminating": False},
+            "nodeName": f"node-{j % 50}", "zone": "zone-a",
+            "targetRef": {"kind": "Pod", "namespace": f"bench-{i // 100}", "name": f"svc-{i}-pod-{j}"}}
+           for j, ip in enumerate(ips)]
+    if hints:
+        for e in eps:
+            e["hints"] = {"forZones": [{"name": e["zone"]}], "forNodes": [{"name": e["nodeName"]}]}
     return {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
             "metadata": {"name": f"svc-{i}-slice", "namespace": f"bench-{i // 100}",
                          "labels": {"kubernetes.io/service-name": f"svc-{i}",
                                     "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": True, "serving": True, "terminating": False},
-                           "nodeName": f"node-{j % 50}", "zone": "zone-a",
-                           "targetRef": {"kind": "Pod", "namespace": f"bench-{i // 100}", "name": f"svc-{i}-pod-{j}"}}
-                          for j, ip in enumerate(ips)]}
+            "endpoints": eps}
 
 
 # -- the kproxy side (child process) -----------------------------------------------------------------
@@ -214,7 +223,8 @@ def vm_hwm_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_variant(backend: str, server, netns: str, kubeconfig: str, e: int, events: int, sync_timeout: float) -> dict:
+def run_variant(backend: str, server, netns: str, kubeconfig: str, e: int, events: int, sync_timeout: float,
+                hints: bool = False) -> dict:
     child = Child(backend, netns, kubeconfig)
     res = {"backend": backend}
     try:
@@ -237,7 +247,7 @@ def run_variant(backend: str, server, netns: str, kubeconfig: str, e: int, event
     for k in range(events):
         ip = f"10.250.{k // 250}.{k % 250 + 1}"
         t0 = time.time()
-        server.apply(slice_of(0, e, first_ip=ip))
+        server.apply(slice_of(0, e, first_ip=ip, hints=hints))
         st = child.next("state", marker=ip)
         done = child.next("synced", marker=ip)
         latencies.append(done["t"] - t0)
@@ -271,6 +281,7 @@ def main() -> int:
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--events", type=int, default=50)
     ap.add_argument("--only", choices=("fake", "nft"))
+    ap.add_argument("--hints", action="store_true", help="topology hints (forZones, forNodes) on every endpoint")
     ap.add_argument("--sync-timeout", type=float, default=300.0,
                     help="give up on a variant whose first complete sync takes longer (seconds)")
     ap.add_argument("--child", choices=("fake", "nft"), help=argparse.SUPPRESS)
@@ -293,18 +304,18 @@ def main() -> int:
     try:
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
         t = time.monotonic()
-        server.bulk_load(objects(args.services, args.endpoints))
+        server.bulk_load(objects(args.services, args.endpoints, args.hints))
         load_s = time.monotonic() - t
         start_in_netns(server, netns)
         kubeconfig = server.kubeconfig(tmp / "kubeconfig")
         print(f"fake API server: {args.services} Services + {args.services} EndpointSlices x {args.endpoints} "
-              f"endpoints loaded in {load_s:.1f}s; kproxy runs in netns {netns}")
+              f"endpoints{' with topology hints' if args.hints else ''} loaded in {load_s:.1f}s; kproxy runs in netns {netns}")
         results = []
         for backend in ("fake", "nft"):
             if args.only and backend != args.only:
                 continue
             results.append(run_variant(backend, server, netns, kubeconfig, args.endpoints, args.events,
-                                       args.sync_timeout))
+                                       args.sync_timeout, args.hints))
             if backend == "nft":
                 subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "kproxy", "cleanup"],
                                capture_output=True)

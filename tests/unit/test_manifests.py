@@ -225,6 +225,25 @@ def test_endpoint_conditions_and_hints():
     assert (e3.ready, e3.serving, e3.terminating) == (False, True, False)  # unset serving means serving
 
 
+def test_repeated_values_are_shared_and_still_equal():
+    a = model.from_api("EndpointSlice", eps("a", ["10.0.1.2"], name="a-x"))
+    b = model.from_api("EndpointSlice", json.dumps(eps("b", ["10.0.1.3"], name="b-x")).encode())
+    assert a.ports is b.ports and a.ports == (model.EndpointPort("http", "TCP", 8080),)
+    assert a.namespace is b.namespace and a.address_type is b.address_type
+    s1, s2 = (model.from_api("Service", json.dumps(svc(n)).encode()) for n in ("s1", "s2"))
+    assert s1.ports is s2.ports and s1.ports[0].protocol is s2.ports[0].protocol
+    # a changed port is a new value; the shared one is untouched
+    s3 = model.from_api("Service", svc("s3", ports=[("http", "TCP", 81)]))
+    assert s3.ports[0].port == 81 and s1.ports[0].port == 80
+    hinted = {"hints": {"forZones": [{"name": "z1"}], "forNodes": [{"name": "n1"}]}}
+    sl = model.from_api("EndpointSlice", eps("c", [{"addresses": [ip], **hinted} for ip in ("10.0.1.4", "10.0.1.5")]
+                                         + [{"addresses": ["10.0.1.6"], "hints": {"forZones": []}}]))
+    e1, e2, e3 = sl.endpoints
+    assert e1.zone_hints == ("z1",) and e1.node_hints == ("n1",)
+    assert e1.zone_hints is e2.zone_hints and e1.node_hints is e2.node_hints
+    assert e3.zone_hints == () and e3.node_hints is None
+
+
 # -- cluster state joins ----------------------------------------------------------------
 
 def state_of(*objs, node_name=NODE) -> ClusterState:
