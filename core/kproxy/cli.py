@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import time
 
 import click
 
@@ -14,6 +15,7 @@ from . import config as configmod
 from . import pluginmanager as plugins
 from .app import App, collect_options
 from .config import Config, ConfigError
+from .engine import STALE_CHAIN_DELAY
 from .engine import cleanup as cleanup_tables
 from .health import Servers
 from .nft import NftCLI, NftError, Table, Transaction
@@ -223,6 +225,10 @@ def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, init_only, *
             result = app.sync(full=True)
             if not result.ok:
                 _fail(result.error, 1)
+            if app.engine.stale_chains:  # chains it flushed: delete them, as a later sync would
+                time.sleep(STALE_CHAIN_DELAY)
+                if not app.engine.delete_stale_chains():
+                    _warn("could not delete the chains this sync emptied; the next sync will")
             return
         watcher = source.start() if source is not None else manifest_source.ManifestWatcher(manifests, app).start()
         servers = Servers(app)

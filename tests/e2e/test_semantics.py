@@ -1204,8 +1204,8 @@ def test_ignored_services_get_no_rules(env):
 
 def test_changing_state(env):
     """Each ``run --once`` programs the new state and nothing of the old one remains:
-    endpoints added, removed, turned terminating; a Service switching type and traffic
-    policies, then deleted."""
+    endpoints added, removed, turned terminating; a Service switching type, traffic
+    policies and session affinity, then deleted."""
     web = dict(name="web", cluster_ip="172.30.0.71", ns="demo")
     e1, e2, e3 = a(6), b(6), a(7)  # addresses used by no other object of this test
 
@@ -1253,6 +1253,12 @@ def test_changing_state(env):
           Flow("back to ClusterIP: NodePort no longer handled", "ext", NODE_IP, 3001, NODE),
           Flow("back to ClusterIP, iTP Cluster again", "pod", cip, 80, {e2, e3}, masq=False)],
          gone=["1.2.3.71", "3001"])
+    step([web_cip(sessionAffinity="ClientIP"), eps], [])
+    sticky = answered_at(env.client("pod").probe(cip, 80, count=10))
+    assert len(sticky) == 1 and set(sticky) <= {e2, e3}, f"ClientIP affinity switched on, not sticky: {sticky}"
+    step([web_cip(), eps],
+         [Flow("ClientIP affinity switched off: both endpoints again", "pod", cip, 80, {e2, e3}, masq=False)],
+         gone=["affinity-records", "-record-10800", "flags dynamic"])
     step([eps],
          [Flow("Service deleted: its address is unallocated", "pod", cip, 80, DROP)],
          gone=[cip, e2, e3])
