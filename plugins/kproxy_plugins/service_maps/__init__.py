@@ -110,6 +110,10 @@ class FamilyMaps:
         return sticky.verdict(group, key, verdict, endpoints) if sticky else verdict
 
 
+def _family_ips(ips, version: int) -> list[str]:
+    return [v.ip(ip, version) for ip in ips if (":" in ip) == (version == 6)]
+
+
 def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node_ip: str | None):
     add = ctx.add_element
     version = m.version
@@ -120,10 +124,8 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
     reject = "goto reject-chain"
 
     def family_ips(ips):
-        return [v.ip(ip, version) for ip in ips if (":" in ip) == (version == 6)]
+        return _family_ips(ips, version)
 
-    if not family_ips(svc.cluster_ips):
-        return  # like kube-proxy, a family handles only the Services that have a ClusterIP of it
     sticky = m.affinity.port(svc, port, eps.local) if svc.affinity_timeout and eps.has_any else None
     for ip in family_ips(svc.cluster_ips):
         dest = f"{ip} . {proto} . {pnum}"
@@ -200,6 +202,8 @@ def kproxy_pre_render(ctx):
                 ctx.add_element(m.nodeport_ips, v.ip(ip, version))
         node_ip = state.node.primary_ip(version) if state.node else None
         for svc in ctx.services():
+            if not _family_ips(svc.cluster_ips, version):
+                continue  # like kube-proxy, a family handles only the Services with a ClusterIP of it
             with ctx.scope_of(svc):
                 for port in svc.ports:
                     _program_port(ctx, m, svc, port, node_name, zone, node_ip)
