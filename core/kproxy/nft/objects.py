@@ -9,6 +9,7 @@ a transaction can only ever hold well-formed objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 import re
 
 from . import values as v
@@ -73,11 +74,11 @@ class Chain:
     def is_base(self) -> bool:
         return self.hook is not None
 
-    @property
+    @cached_property  # one tuple per object, shared by everything keyed by it
     def key(self):
         return ("chain", self.family, self.table, self.name)
 
-    @property
+    @cached_property
     def table_key(self):
         return (self.family, self.table)
 
@@ -167,11 +168,11 @@ class Set:
     def kind(self) -> str:
         return "map" if self.is_map else "set"
 
-    @property
+    @cached_property  # one tuple per object, shared by every element key of the set
     def key(self):
         return ("set", self.family, self.table, self.name)
 
-    @property
+    @cached_property
     def table_key(self):
         return (self.family, self.table)
 
