@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .context import GLOBAL, Declarations
+from .context import GLOBAL
 
 
 class RefMap:
@@ -123,26 +123,39 @@ def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple,
     return changes
 
 
+def merged(contributions) -> tuple[RefMap, list]:
+    """The RefMap of everything ``contributions`` ((scope, {key: value}) pairs) add to
+    an empty one, built in one pass (a full sync), and the keys whose scopes disagree
+    about the value (the first scope's value counts, as in ``diff``)."""
+    refmap, conflicts = RefMap(), []
+    data = refmap.data
+    put = data.setdefault
+    for scope, items in contributions:
+        for key, val in items.items():
+            pair = (scope, val)
+            e = put(key, pair)
+            if e is pair:
+                continue  # the common case: one scope, no dict of its own
+            if isinstance(e, tuple):
+                e = data[key] = [e[1], {e[0]: e[1]}]
+            e[1][scope] = val
+            if _ident(val) != _ident(e[0]):
+                conflicts.append(key)
+    return refmap, conflicts
+
+
 @dataclass
 class Ruleset:
-    scopes: dict[tuple, Declarations] = field(default_factory=dict)
+    """What the last successful sync committed: per scope the keys it contributes
+    (object keys, element keys), and the reference-counted objects, elements and rules."""
+
+    scopes: dict[tuple, tuple[tuple, tuple]] = field(default_factory=dict)
     objects: RefMap = field(default_factory=RefMap)  # key -> (obj, owner)
     elements: RefMap = field(default_factory=RefMap)  # (set key, element key) -> (value, comment, owner)
     rules: dict = field(default_factory=dict)  # chain key -> tuple of Rule
-
-    @classmethod
-    def from_full(cls, decls, obj_changes, el_changes, rules) -> "Ruleset":
-        """The state after a full sync, built in one pass (every change is an addition)."""
-        new = cls(scopes=dict(decls), rules=rules)
-        for refmap, changes in ((new.objects, obj_changes), (new.elements, el_changes)):
-            data = refmap.data
-            for ch in changes:
-                added = ch.added
-                data[ch.key] = (ch.scope, ch.after) if added is None else [ch.after, dict(added)]
-        return new
 
     def object_view(self) -> dict:
         return dict(self.objects.items())
 
 
-__all__ = ["GLOBAL", "RefMap", "Ruleset", "Change", "diff"]
+__all__ = ["GLOBAL", "RefMap", "Ruleset", "Change", "diff", "merged"]
