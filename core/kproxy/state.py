@@ -182,12 +182,18 @@ class ClusterState:
     def _service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
         """The endpoints of one Service port (of IP ``version`` if given), duplicates
         across slices counted once: like kube-proxy, a non-terminating copy wins over a
-        terminating one, otherwise the first seen."""
+        terminating one, otherwise the first seen. Sorted by address (numerically, IPv4
+        first), then port."""
+        group = self._by_service.get(service.key)
+        if not group:
+            return []
+        address_type = None if version is None else f"IPv{version}"
+        name, protocol = port.name, port.protocol
         found: dict[tuple[str, int], ServiceEndpoint] = {}  # by address and port, as in kube-proxy
-        for sl in self._by_service.get(service.key, {}).values():
-            if version is not None and sl.address_type != f"IPv{version}":
+        for sl in group.values():
+            if address_type is not None and sl.address_type != address_type:
                 continue
-            number = next((p.port for p in sl.ports if p.name == port.name and p.protocol == port.protocol), None)
+            number = next((p.port for p in sl.ports if p.name == name and p.protocol == protocol), None)
             if number is None:
                 continue
             for e in sl.endpoints:
@@ -195,8 +201,16 @@ class ClusterState:
                 if prev is not None and not (prev.terminating and not e.terminating):
                     continue
                 found[(e.ip, number)] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
-                                              e.zone, e.zone_hints, e.node_hints)
-        return sorted(found.values(), key=lambda e: (_address_key(e.ip), e.port))
+                                                        e.zone, e.zone_hints, e.node_hints)
+        if len(found) < 2:
+            return list(found.values())
+        if address_type is not None:  # one family: its packed addresses sort numerically
+            af, pton = (socket.AF_INET if version == 4 else socket.AF_INET6), socket.inet_pton
+            decorated = [(pton(af, ip), number, e) for (ip, number), e in found.items()]
+        else:
+            decorated = [(_address_key(ip), number, e) for (ip, number), e in found.items()]
+        decorated.sort()  # (address, port) pairs are unique: the endpoints are never compared
+        return [d[2] for d in decorated]
 
     def cidrs(self, version: int) -> list[str]:
         """The ServiceCIDRs of one IP version."""
