@@ -127,12 +127,13 @@ class SyncContext:
         if not key or _UNSAFE.search(key) or (value is not None and _UNSAFE.search(value)):
             check_element_text(key, s.name)  # raises, naming the set
             check_element_text(value, s.name)
-        elems, k = self._elements, (s.key, key)
-        old = elems.get(k)
-        if old is not None and old[0] != value:
-            raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} maps to {value}, but plugin {old[2]} "
-                              f"already mapped it to {old[0]}", plugin=self.plugin)
-        elems[k] = (value, comment, self.plugin)
+        elems, k, new = self._elements, (s.key, key), (value, comment, self.plugin)
+        old = elems.setdefault(k, new)
+        if old is not new:
+            if old[0] != value:
+                raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} maps to {value}, but plugin "
+                                  f"{old[2]} already mapped it to {old[0]}", plugin=self.plugin)
+            elems[k] = new
 
     def keep_table(self, table: Table) -> None:
         """Tell the engine the calling plugin programs ``table`` itself (in its own
