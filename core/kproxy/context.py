@@ -32,11 +32,13 @@ def service_scope(key: tuple[str, str]) -> tuple:
 
 @dataclass(slots=True)
 class Declarations:
-    """What one scope declared: objects by key, and elements as
-    (set key, element key) -> (value, comment)."""
+    """What one scope declared: objects by key, and elements by (set key, element key).
 
-    objects: dict = field(default_factory=dict)  # key -> (obj, owner)
-    elements: dict = field(default_factory=dict)  # (set key, element key) -> (value, comment, owner)
+    Each value names its scope last, so that the ruleset's reference maps can hold the
+    very same tuple, and an element's value is a ready ``Elements`` item."""
+
+    objects: dict = field(default_factory=dict)  # key -> (obj, owner, scope)
+    elements: dict = field(default_factory=dict)  # (set key, element key) -> (element key, value, comment, owner, scope)
 
     def keys(self) -> tuple[tuple, tuple]:
         """(object keys, element keys): all a committed scope must remember, which is
@@ -119,7 +121,7 @@ class SyncContext:
         if owner is not None and owner != self.plugin:
             raise PluginError(f"plugin {self.plugin} declares {obj.ref()}, which plugin {owner} already declared")
         self._declared_here[obj.key] = self.plugin
-        self.decls[self._scope].objects[obj.key] = (obj, self.plugin)
+        self.decls[self._scope].objects[obj.key] = (obj, self.plugin, self._scope)
         return obj
 
     def add_element(self, s: Set, key: str, value: str | None = None, comment: str | None = None) -> None:
@@ -127,12 +129,12 @@ class SyncContext:
         if not key or _UNSAFE.search(key) or (value is not None and _UNSAFE.search(value)):
             check_element_text(key, s.name)  # raises, naming the set
             check_element_text(value, s.name)
-        elems, k, new = self._elements, (s.key, key), (value, comment, self.plugin)
+        elems, k, new = self._elements, (s.key, key), (key, value, comment, self.plugin, self._scope)
         old = elems.setdefault(k, new)
         if old is not new:
-            if old[0] != value:
+            if old[1] != value:
                 raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} maps to {value}, but plugin "
-                                  f"{old[2]} already mapped it to {old[0]}", plugin=self.plugin)
+                                  f"{old[3]} already mapped it to {old[1]}", plugin=self.plugin)
             elems[k] = new
 
     def keep_table(self, table: Table) -> None:
@@ -151,6 +153,13 @@ class SyncContext:
     def declared(self, kind=None) -> list:
         """Every object of this sync (of one class, e.g. ``Set``), carried-over scopes included."""
         return [o for o in self.objects.values() if kind is None or isinstance(o, kind)]
+
+    def release(self) -> None:
+        """Drop what this context holds for its own sync (called when a newer sync has
+        replaced it): plugins' scratch data, which may refer back to the context, so
+        that it is freed at once rather than by a later garbage collection."""
+        self.plugin_data = {}
+        self.decls = {}
 
     def chains(self) -> list[Chain]:
         return self.declared(Chain)

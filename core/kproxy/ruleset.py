@@ -15,9 +15,10 @@ from .context import GLOBAL
 class RefMap:
     """key -> value contributed by one or more scopes.
 
-    The value that counts is the one of the scope that contributed first (scopes that
-    disagree are a plugin conflict, logged by the engine). Stored compactly: a (scope,
-    value) pair in the common case of one scope, else [value, {scope: value}], so that a
+    Values are tuples that name their scope last (see ``context.Declarations``). The
+    value that counts is the one of the scope that contributed first (scopes that
+    disagree are a plugin conflict, logged by the engine). Stored compactly: the value
+    itself in the common case of one scope, else [value, {scope: value}], so that a
     chain declared by 10,000 Services costs O(1) per change, not O(10,000).
     """
 
@@ -31,15 +32,15 @@ class RefMap:
         e = self.data.get(key)
         if e is None:
             return None
-        return e[0] if isinstance(e, list) else e[1]
+        return e[0] if isinstance(e, list) else e
 
     def items(self):
         for key, e in self.data.items():
-            yield key, (e[0] if isinstance(e, list) else e[1])
+            yield key, (e[0] if isinstance(e, list) else e)
 
     def apply(self, change: "Change") -> None:
         key, e = change.key, self.data.get(change.key)
-        scopes = {} if e is None else (e[1] if isinstance(e, list) else {e[0]: e[1]})
+        scopes = {} if e is None else (e[1] if isinstance(e, list) else {e[-1]: e})
         for s in change.removed:
             scopes.pop(s, None)
         if change.added is None:
@@ -49,7 +50,7 @@ class RefMap:
         if not scopes:
             self.data.pop(key, None)
         elif len(scopes) == 1:
-            self.data[key] = next(iter(scopes.items()))
+            self.data[key] = next(iter(scopes.values()))
         else:
             self.data[key] = [change.after, scopes]
 
@@ -66,8 +67,9 @@ class Change:
 
 
 def _ident(value):
-    # elements: (value, comment, owner) -> value; objects: (obj, owner) -> (obj, owner)
-    return value[0] if len(value) == 3 else value
+    """What must agree between scopes: an element's value; an object and its owner."""
+    # elements: (key, value, comment, owner, scope); objects: (obj, owner, scope)
+    return value[1] if len(value) == 5 else value[:2]
 
 
 def _all_new(replaced, new) -> list[Change]:
@@ -112,8 +114,8 @@ def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple,
             before = e[0]
             remaining = next((val for s, val in e[1].items() if s not in removed), None) if removed else before
         else:
-            before = e[1]
-            remaining = None if e[0] in removed else before
+            before = e
+            remaining = None if e[-1] in removed else before
         if remaining is not None:
             after = before if (before is not None and _ident(remaining) == _ident(before)) else remaining
         else:
@@ -132,12 +134,11 @@ def merged(contributions) -> tuple[RefMap, list]:
     put = data.setdefault
     for scope, items in contributions:
         for key, val in items.items():
-            pair = (scope, val)
-            e = put(key, pair)
-            if e is pair:
-                continue  # the common case: one scope, no dict of its own
+            e = put(key, val)
+            if e is val:
+                continue  # the common case: one scope, stored as its value itself
             if isinstance(e, tuple):
-                e = data[key] = [e[1], {e[0]: e[1]}]
+                e = data[key] = [e, {e[-1]: e}]
             e[1][scope] = val
             if _ident(val) != _ident(e[0]):
                 conflicts.append(key)
