@@ -210,18 +210,20 @@ class Engine:
         ctx.decls = {}  # the values live on in ``els``; the dicts per scope are no longer needed
         del decls
         by_set: dict = {}  # set key -> [element values, which are Elements items]
-        verdicts: dict = {}  # (set key, value) -> (set key, element value), to check jumps
         for key, e in els.data.items():
-            val = e if type(e) is tuple else e[0]
-            set_key, value = key[0], val[1]
-            items = by_set.get(set_key)
+            items = by_set.get(key[0])
             if items is None:
-                if set_key not in objects:
-                    raise PluginError(f"plugin {val[3]}: element {key[1]} added to undeclared set {set_key[3]}")
-                items = by_set[set_key] = []
-            items.append(val)
-            if value and ("goto" in value or "jump" in value) and (set_key, value) not in verdicts:
-                verdicts[(set_key, value)] = (set_key, val)
+                items = by_set[key[0]] = []
+            items.append(e if type(e) is tuple else e[0])
+        verdicts: dict = {}  # (set key, value) -> (set key, element value), to check jumps
+        for set_key, items in by_set.items():
+            if set_key not in objects:
+                val = items[0]
+                raise PluginError(f"plugin {val[3]}: element {val[0]} added to undeclared set {set_key[3]}")
+            for val in items:
+                value = val[1]
+                if value and ("goto" in value or "jump" in value) and (set_key, value) not in verdicts:
+                    verdicts[(set_key, value)] = (set_key, val)
         for key in conflicts:
             log.warning("element %s of %s is wanted with different values; using %s",
                         key[1], key[0][3], els.data[key][0][1])

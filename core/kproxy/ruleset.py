@@ -133,6 +133,9 @@ def merged(contributions) -> tuple[RefMap, list]:
     data = refmap.data
     put = data.setdefault
     for scope, items in contributions:
+        if data.keys().isdisjoint(items):
+            data.update(items)  # the common case: nothing shared with another scope
+            continue
         for key, val in items.items():
             e = put(key, val)
             if e is val:

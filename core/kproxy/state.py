@@ -19,8 +19,12 @@ from msgspec import Struct
 from .model import EndpointSlice, Node, Service, ServiceCIDR, ServicePort
 
 
-class ServiceEndpoint(Struct, frozen=True):
-    """An endpoint of one Service port: its address, the port to DNAT to, and its state."""
+class ServiceEndpoint(Struct, frozen=True, gc=False):
+    """An endpoint of one Service port: its address, the port to DNAT to, and its state.
+
+    Not tracked by the cyclic garbage collector (``gc=False``): it holds only strings,
+    numbers and tuples of strings, so it can never be part of a reference cycle, and
+    a sync makes one per endpoint."""
 
     ip: str
     port: int
@@ -173,7 +177,7 @@ class ClusterState:
         per state object: a snapshot is read by several plugins in one sync."""
         if self._endpoint_cache is None:  # a live store, still being written to
             return self._service_endpoints(service, port, version)
-        key = (service.key, port, version)
+        key = (service.key, port.name, port.protocol, version)  # all the join depends on
         found = self._endpoint_cache.get(key)
         if found is None:
             found = self._endpoint_cache[key] = self._service_endpoints(service, port, version)
