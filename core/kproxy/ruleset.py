@@ -143,9 +143,17 @@ def merged(contributions) -> tuple[RefMap, list]:
             if isinstance(e, tuple):
                 e = data[key] = [e, {e[-1]: e}]
             e[1][scope] = val
-            if _ident(val) != _ident(e[0]):
+            if not _agree(val, e[0]):
                 conflicts.append(key)
     return refmap, conflicts
+
+
+def _agree(a, b) -> bool:
+    """``_ident(a) == _ident(b)``, without building tuples (an object that every
+    Service declares, such as a load-balancing chain, is compared 10,000 times)."""
+    if len(a) == 5:
+        return a[1] == b[1]
+    return (a[0] is b[0] or a[0] == b[0]) and a[1] == b[1]
 
 
 @dataclass

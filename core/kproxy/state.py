@@ -194,18 +194,23 @@ class ClusterState:
         address_type = None if version is None else f"IPv{version}"
         name, protocol = port.name, port.protocol
         found: dict[tuple[str, int], ServiceEndpoint] = {}  # by address and port, as in kube-proxy
+        get = found.get
         for sl in group.values():
             if address_type is not None and sl.address_type != address_type:
                 continue
-            number = next((p.port for p in sl.ports if p.name == name and p.protocol == protocol), None)
-            if number is None:
+            for p in sl.ports:
+                if p.name == name and p.protocol == protocol:
+                    number = p.port
+                    break
+            else:
                 continue
             for e in sl.endpoints:
-                prev = found.get((e.ip, number))
+                key = (e.ip, number)
+                prev = get(key)
                 if prev is not None and not (prev.terminating and not e.terminating):
                     continue
-                found[(e.ip, number)] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
-                                                        e.zone, e.zone_hints, e.node_hints)
+                found[key] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
+                                             e.zone, e.zone_hints, e.node_hints)
         if len(found) < 2:
             return list(found.values())
         if address_type is not None:  # one family: its packed addresses sort numerically
