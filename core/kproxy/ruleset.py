@@ -145,7 +145,7 @@ def merged(contributions) -> tuple[RefMap, list]:
             e[1][scope] = val
             if not _agree(val, e[0]):
                 conflicts.append(key)
-    return refmap, conflicts
+    return refmap, list(dict.fromkeys(conflicts))  # each key once, however many scopes disagree
 
 
 def _agree(a, b) -> bool:
@@ -162,8 +162,8 @@ class Ruleset:
     (object keys, element keys), and the reference-counted objects, elements and rules."""
 
     scopes: dict[tuple, tuple[tuple, tuple]] = field(default_factory=dict)
-    objects: RefMap = field(default_factory=RefMap)  # key -> (obj, owner)
-    elements: RefMap = field(default_factory=RefMap)  # (set key, element key) -> (value, comment, owner)
+    objects: RefMap = field(default_factory=RefMap)  # key -> (obj, owner, scope)
+    elements: RefMap = field(default_factory=RefMap)  # (set key, element key) -> (element key, value, comment, owner, scope)
     rules: dict = field(default_factory=dict)  # chain key -> tuple of Rule
 
     def object_view(self) -> dict:
