@@ -155,11 +155,15 @@ class SyncContext:
         return [o for o in self.objects.values() if kind is None or isinstance(o, kind)]
 
     def release(self) -> None:
-        """Drop what this context holds for its own sync (called when a newer sync has
-        replaced it): plugins' scratch data, which may refer back to the context, so
-        that it is freed at once rather than by a later garbage collection."""
+        """Drop what this context holds only for its own sync, once the sync is over
+        (the engine calls it when the next sync starts): plugins' scratch data (which
+        may refer back to the context, so it is freed at once rather than by a later
+        garbage collection) and the state's memoised endpoint joins."""
         self.plugin_data = {}
         self.decls = {}
+        forget = getattr(self.state, "forget_memo", None)
+        if forget is not None:
+            forget()
 
     def chains(self) -> list[Chain]:
         return self.declared(Chain)

@@ -51,7 +51,7 @@ class SyncResult:
     duration: float = 0.0
     render_seconds: float = 0.0
     apply_seconds: float = 0.0
-    transaction: Transaction | None = None
+    transaction: Transaction | None = None  # what this sync applied (``App`` drops it when the next sync starts)
     changed_services: int = 0
     cleanup_failed: bool = False  # deleting stale chains failed (the sync then went full)
     plugin_seconds: dict[str, float] = field(default_factory=dict)
@@ -142,6 +142,11 @@ class Engine:
     def plan(self, state, full: bool, changed: set | None = None, seconds: dict | None = None) -> Plan:
         """Render a sync and compute its transaction (nothing is applied)."""
         seconds = {} if seconds is None else seconds
+        if full:
+            # a full sync does not read the last committed ruleset, and a failed one is
+            # followed by another full one: drop it now, so that the old and the new
+            # ruleset are never in memory together
+            self.committed = Ruleset()
         ctx, _ = self.render(state, full, changed, seconds)
         if full:
             return self._plan_full(ctx, seconds)
@@ -398,6 +403,8 @@ class Engine:
 
     def _sync(self, full, changed) -> SyncResult:
         app = self.app
+        if self.last_context is not None:
+            self.last_context.release()  # its sync is over (its objects and owners stay, for inspection)
         full = bool(full or self.needs_full or changed is None)
         t0 = time.monotonic()
         state = app.state.snapshot()
@@ -418,9 +425,7 @@ class Engine:
             plan.commit()
             result.ok = True
             self.needs_full = False
-            previous, self.last_context = self.last_context, plan.ctx
-            if previous is not None:
-                previous.release()
+            self.last_context = plan.ctx
         except PluginError as e:
             result.error = str(e)
             result.failed_plugin = e.plugin

@@ -170,6 +170,12 @@ class ClusterState:
                 _by_service=dict(self._by_service), _endpoint_cache={},
             )
 
+    def forget_memo(self) -> None:
+        """Drop the endpoint joins memoised on this snapshot (its sync is over; the
+        joins are computed again if asked for)."""
+        if self._endpoint_cache is not None:
+            self._endpoint_cache = {}
+
     # -- reading (plugins) -------------------------------------------------------------
     def service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
         """The endpoints of one Service port (of IP ``version`` if given), duplicates
