@@ -153,6 +153,9 @@ class App:
     def sync(self, full: bool = False) -> SyncResult:
         """Sync what changed since the last sync (everything when ``full``)."""
         changes = self.state.take_changes()
+        if self.last_result is not None:
+            # the previous transaction may be as large as the ruleset: not kept beside the next one
+            self.last_result.transaction = None
         result = self.engine.sync(full or changes.everything, changes.services)
         self.sync_metrics.changes(changes.service_events, changes.endpoint_events, *self.state.pending())
         self.sync_metrics.synced(result, changes.first_seen)

@@ -10,7 +10,6 @@ ignores scopes still works: its objects are global and re-declared on every sync
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .nft import Chain, Flowtable, Set, Table
@@ -31,13 +30,38 @@ def service_scope(key: tuple[str, str]) -> tuple:
     return ("service", *key)
 
 
-@dataclass
+@dataclass(slots=True)
 class Declarations:
-    """What one scope declared: objects by key, and elements as
-    (set key, element key) -> (value, comment)."""
+    """What one scope declared: objects by key, and elements by (set key, element key).
 
-    objects: dict = field(default_factory=dict)  # key -> (obj, owner)
-    elements: dict = field(default_factory=dict)  # (set key, element key) -> (value, comment, owner)
+    Each value names its scope last, so that the ruleset's reference maps can hold the
+    very same tuple, and an element's value is a ready ``Elements`` item."""
+
+    objects: dict = field(default_factory=dict)  # key -> (obj, owner, scope)
+    elements: dict = field(default_factory=dict)  # (set key, element key) -> (element key, value, comment, owner, scope)
+
+    def keys(self) -> tuple[tuple, tuple]:
+        """(object keys, element keys): all a committed scope must remember, which is
+        what it contributes (the values are in the ruleset's reference maps)."""
+        return tuple(self.objects), tuple(self.elements)
+
+
+class _InScope:
+    """The context manager of ``SyncContext.scope_of`` (a class: entered once per
+    Service and family, so it is kept cheaper than a generator-based one)."""
+
+    __slots__ = ("ctx", "scope", "prev")
+
+    def __init__(self, ctx, scope):
+        self.ctx, self.scope = ctx, scope
+
+    def __enter__(self):
+        ctx = self.ctx
+        self.prev = ctx._scope
+        ctx._enter(self.scope)
+
+    def __exit__(self, *exc):
+        self.ctx._enter(self.prev)
 
 
 class SyncContext:
@@ -54,6 +78,7 @@ class SyncContext:
         self.owners: dict = {}  # object key -> owner, for every object of this sync (set by the engine)
         self.objects: dict = {}  # object key -> object, every object of this sync (set by the engine)
         self._scope = GLOBAL
+        self._elements = self.decls[GLOBAL].elements  # those of the current scope
         self._declared_here: dict = {}  # object key -> owner, for objects declared in this sync
         self._main = {ver: Table(fam, MAIN_TABLE, "kproxy service proxy rules") for ver, fam in FAMILY_OF_VERSION.items()}
         self._main_keys = {t.table_key for t in self._main.values()}
@@ -73,15 +98,16 @@ class SyncContext:
             return list(self.state.services.values())
         return [self.state.services[k] for k in sorted(self.changed) if k in self.state.services]
 
-    @contextmanager
     def scope_of(self, service):
-        """Attribute what is declared inside to ``service`` (a model.Service)."""
-        prev, self._scope = self._scope, service_scope(service.key)
-        self.decls.setdefault(self._scope, Declarations())
-        try:
-            yield
-        finally:
-            self._scope = prev
+        """Attribute what is declared inside ``with ctx.scope_of(service):`` to
+        ``service`` (a model.Service)."""
+        return _InScope(self, service_scope(service.key))
+
+    def _enter(self, scope) -> None:
+        decls = self.decls.get(scope)
+        if decls is None:
+            decls = self.decls[scope] = Declarations()
+        self._scope, self._elements = scope, decls.elements
 
     def declare(self, obj: Table | Chain | Set | Flowtable):
         """Declare an object owned by the calling plugin; returns it."""
@@ -95,20 +121,21 @@ class SyncContext:
         if owner is not None and owner != self.plugin:
             raise PluginError(f"plugin {self.plugin} declares {obj.ref()}, which plugin {owner} already declared")
         self._declared_here[obj.key] = self.plugin
-        self.decls[self._scope].objects[obj.key] = (obj, self.plugin)
+        self.decls[self._scope].objects[obj.key] = (obj, self.plugin, self._scope)
         return obj
 
     def add_element(self, s: Set, key: str, value: str | None = None, comment: str | None = None) -> None:
         """Add an element to a set or map (key and value rendered with ``nft.values``)."""
-        if _UNSAFE.search(key) or (value is not None and _UNSAFE.search(value)) or not key:
+        if not key or _UNSAFE.search(key) or (value is not None and _UNSAFE.search(value)):
             check_element_text(key, s.name)  # raises, naming the set
             check_element_text(value, s.name)
-        elems = self.decls[self._scope].elements
-        old = elems.get((s.key, key))
-        if old is not None and old[0] != value:
-            raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} maps to {value}, but plugin {old[2]} "
-                              f"already mapped it to {old[0]}", plugin=self.plugin)
-        elems[(s.key, key)] = (value, comment, self.plugin)
+        elems, k, new = self._elements, (s.key, key), (key, value, comment, self.plugin, self._scope)
+        old = elems.setdefault(k, new)
+        if old is not new:
+            if old[1] != value:
+                raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} maps to {value}, but plugin "
+                                  f"{old[3]} already mapped it to {old[1]}", plugin=self.plugin)
+            elems[k] = new
 
     def keep_table(self, table: Table) -> None:
         """Tell the engine the calling plugin programs ``table`` itself (in its own
@@ -126,6 +153,17 @@ class SyncContext:
     def declared(self, kind=None) -> list:
         """Every object of this sync (of one class, e.g. ``Set``), carried-over scopes included."""
         return [o for o in self.objects.values() if kind is None or isinstance(o, kind)]
+
+    def release(self) -> None:
+        """Drop what this context holds only for its own sync, once the sync is over
+        (the engine calls it when the next sync starts): plugins' scratch data (which
+        may refer back to the context, so it is freed at once rather than by a later
+        garbage collection) and the state's memoised endpoint joins."""
+        self.plugin_data = {}
+        self.decls = {}
+        forget = getattr(self.state, "forget_memo", None)
+        if forget is not None:
+            forget()
 
     def chains(self) -> list[Chain]:
         return self.declared(Chain)

@@ -36,7 +36,14 @@ def _topology_filter(ready: list[ServiceEndpoint], node_name: str, zone: str) ->
     return ready
 
 
+_NONE = Categorized((), (), False)
+
+
 def categorize(endpoints: list[ServiceEndpoint], node_name: str, zone: str = "") -> Categorized:
+    """Sort the endpoints of a Service port into those used for Cluster and for Local
+    traffic policy (see the module docstring)."""
+    if not endpoints:
+        return _NONE
     ready = [e for e in endpoints if e.ready]
     fallback = [e for e in endpoints if e.serving and e.terminating]
     cluster = _topology_filter(ready, node_name, zone) if ready else fallback

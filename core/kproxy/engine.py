@@ -25,6 +25,7 @@ The engine knows no datapath feature: only objects, owners, scopes and transacti
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
@@ -34,7 +35,7 @@ from .context import FAMILY_OF_VERSION, GLOBAL, SyncContext, is_kproxy_table, se
 from .nft import Chain, Elements, Flowtable, NftError, Rule, Set, Table, Transaction
 from .nft import values as v
 from .pluginmanager import PluginError, call_order
-from .ruleset import Ruleset, diff
+from .ruleset import Ruleset, diff, merged
 
 log = logging.getLogger("kproxy.engine")
 _JUMP = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][\w.\-]*)")
@@ -50,7 +51,7 @@ class SyncResult:
     duration: float = 0.0
     render_seconds: float = 0.0
     apply_seconds: float = 0.0
-    transaction: Transaction | None = None
+    transaction: Transaction | None = None  # what this sync applied (``App`` drops it when the next sync starts)
     changed_services: int = 0
     cleanup_failed: bool = False  # deleting stale chains failed (the sync then went full)
     plugin_seconds: dict[str, float] = field(default_factory=dict)
@@ -141,66 +142,52 @@ class Engine:
     def plan(self, state, full: bool, changed: set | None = None, seconds: dict | None = None) -> Plan:
         """Render a sync and compute its transaction (nothing is applied)."""
         seconds = {} if seconds is None else seconds
-        ctx, _ = self.render(state, full, changed, seconds)
-        base = Ruleset() if full else self.committed
-        old_scopes = base.scopes
         if full:
-            replaced = set(ctx.decls)
-        else:
-            replaced = {GLOBAL} | {service_scope(k) for k in ctx.changed} | set(ctx.decls)
-        old_objs = {s: old_scopes[s].objects for s in replaced if s in old_scopes}
+            # a full sync does not read the last committed ruleset, and a failed one is
+            # followed by another full one: drop it now, so that the old and the new
+            # ruleset are never in memory together
+            self.committed = Ruleset()
+        ctx, _ = self.render(state, full, changed, seconds)
+        if full:
+            return self._plan_full(ctx, seconds)
+        base = self.committed
+        old_scopes = base.scopes
+        replaced = {GLOBAL} | {service_scope(k) for k in ctx.changed} | set(ctx.decls)
+        old_objs = {s: old_scopes[s][0] for s in replaced if s in old_scopes}
         new_objs = {s: d.objects for s, d in ctx.decls.items()}
         obj_changes = diff(base.objects, replaced, old_objs, new_objs)
         for ch in obj_changes:
             if ch.conflict:
-                first = ch.after[1]
-                other = next(val[1] for val in ch.added.values() if val != ch.after)
-                what = ch.after[0].ref()
-                if other != first:
-                    raise PluginError(f"plugin {other} declares {what}, which plugin {first} already declared", plugin=other)
-                raise PluginError(f"plugin {first} declares {what} in two different ways", plugin=first)
+                self._object_conflict(ch.after, ch.added.values())
         objects = base.object_view()
         for ch in obj_changes:
             if ch.after is None:
                 objects.pop(ch.key, None)
             else:
                 objects[ch.key] = ch.after
-        ctx.objects = {k: o for k, (o, _) in objects.items()}
-        ctx.owners = {k: owner for k, (_, owner) in objects.items()}
-        tables = self._tables(objects)
-        for key, (obj, owner) in objects.items():
-            if not isinstance(obj, Table) and obj.table_key not in tables:
-                raise PluginError(f"plugin {owner}: {obj.ref()} is in a table nobody declared")
-        old_els = {s: old_scopes[s].elements for s in replaced if s in old_scopes}
+        self._set_objects(ctx, objects)
+        old_els = {s: old_scopes[s][1] for s in replaced if s in old_scopes}
         new_els = {s: d.elements for s, d in ctx.decls.items()}
         el_changes = diff(base.elements, replaced, old_els, new_els)
         for ch in el_changes:
             set_key = ch.key[0]
-            if set_key not in objects:
-                owner = ch.after[2] if ch.after else "?"
-                if ch.after is not None:
-                    raise PluginError(f"plugin {owner}: element {ch.key[1]} added to undeclared set {set_key[3]}")
+            if set_key not in objects and ch.after is not None:
+                raise PluginError(f"plugin {ch.after[3]}: element {ch.key[1]} added to undeclared set {set_key[3]}")
             if ch.conflict:
                 log.warning("element %s of %s is wanted with different values; using %s",
-                            ch.key[1], set_key[3], ch.after[0])
+                            ch.key[1], set_key[3], ch.after[1])
         rules = self.render_rules(ctx, seconds)
-        self._check_references(ctx, rules, el_changes)
-        if not full and self._structure_changed(obj_changes, rules):
+        self._check_references(ctx, rules, ((ch.key[0], ch.after) for ch in el_changes if ch.after is not None))
+        if self._structure_changed(obj_changes, rules):
             return self.plan(state, True, None, seconds)
-
-        if full:
-            txn = self._full_transaction(ctx, objects, el_changes, rules)
-        else:
-            txn = self._partial_transaction(el_changes)
+        txn = self._partial_transaction(el_changes)
+        scopes = {s: ctx.decls[s].keys() for s in replaced if s in ctx.decls}
 
         def commit():
-            if full:
-                self.committed = Ruleset.from_full(ctx.decls, obj_changes, el_changes, rules)
-                return
             new = self.committed
             for s in replaced:
-                if s in ctx.decls:
-                    new.scopes[s] = ctx.decls[s]
+                if s in scopes:
+                    new.scopes[s] = scopes[s]
                 else:
                     new.scopes.pop(s, None)
             for ch in obj_changes:
@@ -210,7 +197,71 @@ class Engine:
             new.rules = rules
             self.committed = new
 
-        return Plan(txn, commit, ctx, full)
+        return Plan(txn, commit, ctx, False)
+
+    def _plan_full(self, ctx: SyncContext, seconds: dict) -> Plan:
+        """A full sync's transaction: everything is new (the kernel's objects are
+        listed and replaced), so the declarations are merged in one pass, without
+        diffing against what was committed."""
+        decls = ctx.decls
+        objs, conflicts = merged((s, d.objects) for s, d in decls.items())
+        for key in conflicts:
+            after, by_scope = objs.data[key]
+            self._object_conflict(after, by_scope.values())
+        objects = dict(objs.items())
+        self._set_objects(ctx, objects)
+        els, conflicts = merged((s, d.elements) for s, d in decls.items())
+        scopes = {s: d.keys() for s, d in decls.items()}
+        ctx.decls = {}  # the values live on in ``els``; the dicts per scope are no longer needed
+        del decls
+        by_set: dict = {}  # set key -> [element values, which are Elements items]
+        for key, e in els.data.items():
+            items = by_set.get(key[0])
+            if items is None:
+                items = by_set[key[0]] = []
+            items.append(e if type(e) is tuple else e[0])
+        verdicts: dict = {}  # (set key, value) -> (set key, element value), to check jumps
+        for set_key, items in by_set.items():
+            if set_key not in objects:
+                val = items[0]
+                raise PluginError(f"plugin {val[3]}: element {val[0]} added to undeclared set {set_key[3]}")
+            for val in items:
+                value = val[1]
+                if value and ("goto" in value or "jump" in value) and (set_key, value) not in verdicts:
+                    verdicts[(set_key, value)] = (set_key, val)
+        for key in conflicts:
+            log.warning("element %s of %s is wanted with different values; using %s",
+                        key[1], key[0][3], els.data[key][0][1])
+        rules = self.render_rules(ctx, seconds)
+        self._check_references(ctx, rules, verdicts.values())
+        del verdicts
+        txn = self._full_transaction(ctx, objects, by_set, rules)
+        del by_set
+
+        def commit():
+            self.committed = Ruleset(scopes=scopes, objects=objs, elements=els, rules=rules)
+
+        return Plan(txn, commit, ctx, True)
+
+    @staticmethod
+    def _object_conflict(first_value, values) -> None:
+        """Raise for an object that several scopes declare in different ways."""
+        first = first_value[1]
+        other = next(val[1] for val in values if val[:2] != first_value[:2])
+        what = first_value[0].ref()
+        if other != first:
+            raise PluginError(f"plugin {other} declares {what}, which plugin {first} already declared", plugin=other)
+        raise PluginError(f"plugin {first} declares {what} in two different ways", plugin=first)
+
+    def _set_objects(self, ctx, objects) -> None:
+        """Tell the context every object of this sync, and check that each is in a
+        declared table."""
+        ctx.objects = {k: val[0] for k, val in objects.items()}
+        ctx.owners = {k: val[1] for k, val in objects.items()}
+        tables = self._tables(objects)
+        for obj, owner, _ in objects.values():
+            if not isinstance(obj, Table) and obj.table_key not in tables:
+                raise PluginError(f"plugin {owner}: {obj.ref()} is in a table nobody declared")
 
     def _structure_changed(self, obj_changes, rules) -> bool:
         """Whether a partial sync would add, remove or change a chain, set or rule.
@@ -226,9 +277,10 @@ class Engine:
         return rules != self.committed.rules
 
     @staticmethod
-    def _check_references(ctx, rules, el_changes) -> None:
+    def _check_references(ctx, rules, elements) -> None:
         """Every jump/goto of a rule or verdict element must name a declared chain of its
-        table (the kernel may still hold an old chain of that name, so it cannot tell)."""
+        table (the kernel may still hold an old chain of that name, so it cannot tell).
+        ``elements``: (set key, element value) pairs (see ``context.Declarations``)."""
         checked = set()
 
         def check(family, table, text, owner, where):
@@ -239,24 +291,24 @@ class Engine:
         for chain_rules in rules.values():
             for r in chain_rules:
                 check(r.family, r.table, r.text, r.owner, f"a rule in chain {r.chain}")
-        for ch in el_changes:
-            value = ch.after[0] if ch.after is not None else None
+        for set_key, (elem, value, _, owner, _) in elements:
             if value and ("goto" in value or "jump" in value):
-                _, fam, table, name = ch.key[0]
+                _, fam, table, name = set_key
                 if (fam, table, value) not in checked:  # verdicts repeat: check each once
-                    check(fam, table, value, ch.after[2], f"element {ch.key[1]} of {name}")
+                    check(fam, table, value, owner, f"element {elem} of {name}")
                     checked.add((fam, table, value))
 
     @staticmethod
     def _tables(objects) -> set:
-        return {o.table_key for o, _ in objects.values() if isinstance(o, Table)}
+        return {val[0].table_key for val in objects.values() if isinstance(val[0], Table)}
 
-    def _full_transaction(self, ctx, objects, el_changes, rules) -> Transaction:
+    def _full_transaction(self, ctx, objects, by_set, rules) -> Transaction:
         backend = self.app.backend
         wanted_tables = self._tables(objects)
         kernel = {t: backend.list_objects(*t) for t in backend.list_tables() if is_kproxy_table(t[1])}
         txn = Transaction()
-        by_kind = {kind: [o for o, _ in objects.values() if isinstance(o, kind)] for kind in (Table, Chain, Set, Flowtable)}
+        by_kind = {kind: [val[0] for val in objects.values() if isinstance(val[0], kind)]
+                   for kind in (Table, Chain, Set, Flowtable)}
         for t in by_kind[Table]:
             txn.add(t)
         wanted = set(objects)
@@ -287,11 +339,7 @@ class Engine:
             txn.add(s)
         for f in by_kind[Flowtable]:
             txn.add(f)
-        adds: dict = {}
-        for ch in el_changes:
-            if ch.after is not None:
-                adds.setdefault(ch.key[0], []).append((ch.key[1], ch.after[0], ch.after[1]))
-        _batched(txn, "add", adds)
+        _batched(txn, "add", by_set)
         for chain_rules in rules.values():
             for r in chain_rules:
                 txn.add(r)
@@ -308,10 +356,10 @@ class Engine:
         adds: dict = {}
         for ch in el_changes:
             set_key = ch.key[0]
-            if ch.before is not None and (ch.after is None or ch.after[0] != ch.before[0]):
+            if ch.before is not None and (ch.after is None or ch.after[1] != ch.before[1]):
                 deletes.setdefault(set_key, []).append((ch.key[1], None, None))
-            if ch.after is not None and (ch.before is None or ch.after[0] != ch.before[0]):
-                adds.setdefault(set_key, []).append((ch.key[1], ch.after[0], ch.after[1]))
+            if ch.after is not None and (ch.before is None or ch.after[1] != ch.before[1]):
+                adds.setdefault(set_key, []).append(ch.after)  # an element value is an Elements item
         _batched(txn, "delete", deletes)
         _batched(txn, "add", adds)
         return txn
@@ -339,8 +387,24 @@ class Engine:
         return not failed
     def sync(self, full: bool | None = None, changed: set | None = None) -> SyncResult:
         """One sync of the current state into the kernel; never raises for plugin or nft
-        failures (they are in the result, and the kernel keeps its previous rules)."""
+        failures (they are in the result, and the kernel keeps its previous rules).
+
+        Python's cyclic garbage collector is paused for the sync: a full sync makes
+        hundreds of thousands of small tuples, none of them in a cycle, and each of
+        the collections they would trigger walks the whole heap (a fifth of the render
+        time at 10,000 Services)."""
+        gc_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._sync(full, changed)
+        finally:
+            if gc_enabled:
+                gc.enable()
+
+    def _sync(self, full, changed) -> SyncResult:
         app = self.app
+        if self.last_context is not None:
+            self.last_context.release()  # its sync is over (its objects and owners stay, for inspection)
         full = bool(full or self.needs_full or changed is None)
         t0 = time.monotonic()
         state = app.state.snapshot()

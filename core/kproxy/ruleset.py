@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .context import GLOBAL, Declarations
+from .context import GLOBAL
 
 
 class RefMap:
     """key -> value contributed by one or more scopes.
 
-    The value that counts is the one of the scope that contributed first (scopes that
-    disagree are a plugin conflict, logged by the engine). Stored compactly: a (scope,
-    value) pair in the common case of one scope, else [value, {scope: value}], so that a
+    Values are tuples that name their scope last (see ``context.Declarations``). The
+    value that counts is the one of the scope that contributed first (scopes that
+    disagree are a plugin conflict, logged by the engine). Stored compactly: the value
+    itself in the common case of one scope, else [value, {scope: value}], so that a
     chain declared by 10,000 Services costs O(1) per change, not O(10,000).
     """
 
@@ -31,15 +32,15 @@ class RefMap:
         e = self.data.get(key)
         if e is None:
             return None
-        return e[0] if isinstance(e, list) else e[1]
+        return e[0] if isinstance(e, list) else e
 
     def items(self):
         for key, e in self.data.items():
-            yield key, (e[0] if isinstance(e, list) else e[1])
+            yield key, (e[0] if isinstance(e, list) else e)
 
     def apply(self, change: "Change") -> None:
         key, e = change.key, self.data.get(change.key)
-        scopes = {} if e is None else (e[1] if isinstance(e, list) else {e[0]: e[1]})
+        scopes = {} if e is None else (e[1] if isinstance(e, list) else {e[-1]: e})
         for s in change.removed:
             scopes.pop(s, None)
         if change.added is None:
@@ -49,7 +50,7 @@ class RefMap:
         if not scopes:
             self.data.pop(key, None)
         elif len(scopes) == 1:
-            self.data[key] = next(iter(scopes.items()))
+            self.data[key] = next(iter(scopes.values()))
         else:
             self.data[key] = [change.after, scopes]
 
@@ -66,8 +67,9 @@ class Change:
 
 
 def _ident(value):
-    # elements: (value, comment, owner) -> value; objects: (obj, owner) -> (obj, owner)
-    return value[0] if len(value) == 3 else value
+    """What must agree between scopes: an element's value; an object and its owner."""
+    # elements: (key, value, comment, owner, scope); objects: (obj, owner, scope)
+    return value[1] if len(value) == 5 else value[:2]
 
 
 def _all_new(replaced, new) -> list[Change]:
@@ -112,8 +114,8 @@ def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple,
             before = e[0]
             remaining = next((val for s, val in e[1].items() if s not in removed), None) if removed else before
         else:
-            before = e[1]
-            remaining = None if e[0] in removed else before
+            before = e
+            remaining = None if e[-1] in removed else before
         if remaining is not None:
             after = before if (before is not None and _ident(remaining) == _ident(before)) else remaining
         else:
@@ -123,26 +125,49 @@ def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple,
     return changes
 
 
+def merged(contributions) -> tuple[RefMap, list]:
+    """The RefMap of everything ``contributions`` ((scope, {key: value}) pairs) add to
+    an empty one, built in one pass (a full sync), and the keys whose scopes disagree
+    about the value (the first scope's value counts, as in ``diff``)."""
+    refmap, conflicts = RefMap(), []
+    data = refmap.data
+    put = data.setdefault
+    for scope, items in contributions:
+        if data.keys().isdisjoint(items):
+            data.update(items)  # the common case: nothing shared with another scope
+            continue
+        for key, val in items.items():
+            e = put(key, val)
+            if e is val:
+                continue  # the common case: one scope, stored as its value itself
+            if isinstance(e, tuple):
+                e = data[key] = [e, {e[-1]: e}]
+            e[1][scope] = val
+            if not _agree(val, e[0]):
+                conflicts.append(key)
+    return refmap, list(dict.fromkeys(conflicts))  # each key once, however many scopes disagree
+
+
+def _agree(a, b) -> bool:
+    """``_ident(a) == _ident(b)``, without building tuples (an object that every
+    Service declares, such as a load-balancing chain, is compared 10,000 times)."""
+    if len(a) == 5:
+        return a[1] == b[1]
+    return (a[0] is b[0] or a[0] == b[0]) and a[1] == b[1]
+
+
 @dataclass
 class Ruleset:
-    scopes: dict[tuple, Declarations] = field(default_factory=dict)
-    objects: RefMap = field(default_factory=RefMap)  # key -> (obj, owner)
-    elements: RefMap = field(default_factory=RefMap)  # (set key, element key) -> (value, comment, owner)
-    rules: dict = field(default_factory=dict)  # chain key -> tuple of Rule
+    """What the last successful sync committed: per scope the keys it contributes
+    (object keys, element keys), and the reference-counted objects, elements and rules."""
 
-    @classmethod
-    def from_full(cls, decls, obj_changes, el_changes, rules) -> "Ruleset":
-        """The state after a full sync, built in one pass (every change is an addition)."""
-        new = cls(scopes=dict(decls), rules=rules)
-        for refmap, changes in ((new.objects, obj_changes), (new.elements, el_changes)):
-            data = refmap.data
-            for ch in changes:
-                added = ch.added
-                data[ch.key] = (ch.scope, ch.after) if added is None else [ch.after, dict(added)]
-        return new
+    scopes: dict[tuple, tuple[tuple, tuple]] = field(default_factory=dict)
+    objects: RefMap = field(default_factory=RefMap)  # key -> (obj, owner, scope)
+    elements: RefMap = field(default_factory=RefMap)  # (set key, element key) -> (element key, value, comment, owner, scope)
+    rules: dict = field(default_factory=dict)  # chain key -> tuple of Rule
 
     def object_view(self) -> dict:
         return dict(self.objects.items())
 
 
-__all__ = ["GLOBAL", "RefMap", "Ruleset", "Change", "diff"]
+__all__ = ["GLOBAL", "RefMap", "Ruleset", "Change", "diff", "merged"]

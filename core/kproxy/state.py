@@ -19,8 +19,12 @@ from msgspec import Struct
 from .model import EndpointSlice, Node, Service, ServiceCIDR, ServicePort
 
 
-class ServiceEndpoint(Struct, frozen=True):
-    """An endpoint of one Service port: its address, the port to DNAT to, and its state."""
+class ServiceEndpoint(Struct, frozen=True, gc=False):
+    """An endpoint of one Service port: its address, the port to DNAT to, and its state.
+
+    Not tracked by the cyclic garbage collector (``gc=False``): it holds only strings,
+    numbers and tuples of strings, so it can never be part of a reference cycle, and
+    a sync makes one per endpoint."""
 
     ip: str
     port: int
@@ -166,6 +170,12 @@ class ClusterState:
                 _by_service=dict(self._by_service), _endpoint_cache={},
             )
 
+    def forget_memo(self) -> None:
+        """Drop the endpoint joins memoised on this snapshot (its sync is over; the
+        joins are computed again if asked for)."""
+        if self._endpoint_cache is not None:
+            self._endpoint_cache = {}
+
     # -- reading (plugins) -------------------------------------------------------------
     def service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
         """The endpoints of one Service port (of IP ``version`` if given), duplicates
@@ -173,7 +183,7 @@ class ClusterState:
         per state object: a snapshot is read by several plugins in one sync."""
         if self._endpoint_cache is None:  # a live store, still being written to
             return self._service_endpoints(service, port, version)
-        key = (service.key, port, version)
+        key = (service.key, port.name, port.protocol, version)  # all the join depends on
         found = self._endpoint_cache.get(key)
         if found is None:
             found = self._endpoint_cache[key] = self._service_endpoints(service, port, version)
@@ -182,21 +192,40 @@ class ClusterState:
     def _service_endpoints(self, service: Service, port: ServicePort, version: int | None = None) -> list[ServiceEndpoint]:
         """The endpoints of one Service port (of IP ``version`` if given), duplicates
         across slices counted once: like kube-proxy, a non-terminating copy wins over a
-        terminating one, otherwise the first seen."""
+        terminating one, otherwise the first seen. Sorted by address (numerically, IPv4
+        first), then port."""
+        group = self._by_service.get(service.key)
+        if not group:
+            return []
+        address_type = None if version is None else f"IPv{version}"
+        name, protocol = port.name, port.protocol
         found: dict[tuple[str, int], ServiceEndpoint] = {}  # by address and port, as in kube-proxy
-        for sl in self._by_service.get(service.key, {}).values():
-            if version is not None and sl.address_type != f"IPv{version}":
+        get = found.get
+        for sl in group.values():
+            if address_type is not None and sl.address_type != address_type:
                 continue
-            number = next((p.port for p in sl.ports if p.name == port.name and p.protocol == port.protocol), None)
-            if number is None:
+            for p in sl.ports:
+                if p.name == name and p.protocol == protocol:
+                    number = p.port
+                    break
+            else:
                 continue
             for e in sl.endpoints:
-                prev = found.get((e.ip, number))
+                key = (e.ip, number)
+                prev = get(key)
                 if prev is not None and not (prev.terminating and not e.terminating):
                     continue
-                found[(e.ip, number)] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
-                                              e.zone, e.zone_hints, e.node_hints)
-        return sorted(found.values(), key=lambda e: (_address_key(e.ip), e.port))
+                found[key] = ServiceEndpoint(e.ip, number, e.ready, e.serving, e.terminating, e.node_name,
+                                             e.zone, e.zone_hints, e.node_hints)
+        if len(found) < 2:
+            return list(found.values())
+        if address_type is not None:  # one family: its packed addresses sort numerically
+            af, pton = (socket.AF_INET if version == 4 else socket.AF_INET6), socket.inet_pton
+            decorated = [(pton(af, ip), number, e) for (ip, number), e in found.items()]
+        else:
+            decorated = [(_address_key(ip), number, e) for (ip, number), e in found.items()]
+        decorated.sort()  # (address, port) pairs are unique: the endpoints are never compared
+        return [d[2] for d in decorated]
 
     def cidrs(self, version: int) -> list[str]:
         """The ServiceCIDRs of one IP version."""

@@ -28,21 +28,23 @@ SRCNAT_PRIORITY = 100
 @hookimpl
 def kproxy_pre_render(ctx):
     """Declare the masquerade chains and the hairpin pairs of every endpoint."""
+    node = ctx.config.node_name
+    services = ctx.services()
+    endpoints = ctx.state.service_endpoints
     for version in (4, 6):
         fam, table = ctx.family(version), ctx.table(version).name
         ctx.declare(Chain(fam, table, "nat-postrouting", "nat", "postrouting", SRCNAT_PRIORITY))
         ctx.declare(Chain(fam, table, L.MASQUERADING))
         addr_t = v.addr_type(fam)
         hairpin = ctx.declare(Set(fam, table, L.HAIRPIN, f"{addr_t} . {addr_t}", comment="endpoint . endpoint"))
-        node = ctx.config.node_name
-        for svc in ctx.services():
-            with ctx.scope_of(svc):
-                for port in svc.ports:
-                    for ep in ctx.state.service_endpoints(svc, port, version):
-                        # only a pod of this node can reach itself through this node's DNAT
-                        if ep.node_name in (node, ""):
-                            addr = v.ip(ep.ip, version)
-                            ctx.add_element(hairpin, f"{addr} . {addr}")
+        for svc in services:
+            # only a pod of this node can reach itself through this node's DNAT
+            addrs = [v.ip(ep.ip, version) for port in svc.ports for ep in endpoints(svc, port, version)
+                     if ep.node_name in (node, "")]
+            if addrs:  # most Services have no endpoint here: their scope is not even entered
+                with ctx.scope_of(svc):
+                    for addr in addrs:
+                        ctx.add_element(hairpin, f"{addr} . {addr}")
 
 
 @hookimpl(tryfirst=True)

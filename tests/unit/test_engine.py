@@ -128,6 +128,73 @@ def test_conflicting_element_values_name_both_plugins():
     assert "plugin a" in result.error and "goto x" in result.error and "accept" in result.error
 
 
+class PerService:
+    """Declares, in each Service's scope, what ``declare(service)`` returns:
+    (objects, elements) where elements are (set, key, value)."""
+
+    def __init__(self, declare, rules=None):
+        self.declare, self.rule_map = declare, dict(rules or {})
+
+    @hookimpl
+    def kproxy_pre_render(self, ctx):
+        for svc in ctx.services():
+            objs, elements = self.declare(svc)
+            with ctx.scope_of(svc):
+                for o in objs:
+                    ctx.declare(o)
+                for s, key, value in elements:
+                    ctx.add_element(s, key, value)
+
+    @hookimpl
+    def kproxy_render_chain(self, ctx, chain):
+        return self.rule_map.get(chain.name)
+
+
+def _services(app, names):
+    for i, name in enumerate(names):
+        app.state.put(model.Service(namespace="ns", name=name, type="ClusterIP", cluster_ips=(f"172.30.0.{i + 1}",),
+                                    ports=(model.ServicePort("p", "TCP", 80),)))
+
+
+def test_scopes_that_declare_an_object_differently_fail_full_and_partial_syncs():
+    app = make_app(("p", PerService(lambda svc: ([chain("shared", comment=svc.name if svc.name == "b" else None)], []))))
+    _services(app, ["a"])
+    assert app.sync(full=True).ok
+    _services(app, ["a", "b"])
+    result = app.sync()  # partial: b's scope disagrees with a's
+    assert not result.ok and result.error == "plugin p declares chain ip kproxy shared in two different ways"
+    result = app.sync(full=True)
+    assert not result.ok and result.error == "plugin p declares chain ip kproxy shared in two different ways"
+
+
+def test_scopes_that_share_an_object_and_an_element_agree(caplog):
+    m = Set(FAM, TBL, "m", "ipv4_addr", "verdict")
+    app = make_app(("g", Declarer([m])),
+                   ("p", PerService(lambda svc: ([chain("x")], [(m, "10.0.0.1", "goto x")]), rules={"x": ["accept"]})))
+    _services(app, ["a", "b", "c"])
+    result = app.sync(full=True)
+    assert result.ok and "wanted with different values" not in caplog.text
+    assert app.backend.elements(FAM, TBL, "m") == {"10.0.0.1": "goto x"}
+    app.state.remove("Service", "ns", "a")
+    app.state.remove("Service", "ns", "b")
+    result = app.sync()  # c still wants both
+    assert result.ok and not result.full
+    assert app.backend.elements(FAM, TBL, "m") == {"10.0.0.1": "goto x"}
+    app.state.remove("Service", "ns", "c")
+    assert app.sync().ok
+    assert app.backend.elements(FAM, TBL, "m") == {}
+
+
+def test_scopes_that_want_an_element_with_different_values_are_logged(caplog):
+    m = Set(FAM, TBL, "m", "ipv4_addr", "verdict")
+    app = make_app(("g", Declarer([m])),
+                   ("p", PerService(lambda svc: ([], [(m, "10.0.0.1", "drop" if svc.name == "b" else "accept")]))))
+    _services(app, ["a", "b"])
+    assert app.sync(full=True).ok
+    assert "element 10.0.0.1 of m is wanted with different values; using accept" in caplog.text
+    assert app.backend.elements(FAM, TBL, "m") == {"10.0.0.1": "accept"}
+
+
 def test_plugin_table_must_be_prefixed():
     app = make_app(("p", Declarer([Table("ip", "mine")])))
     result = app.sync()

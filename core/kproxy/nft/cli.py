@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 
 from .errors import NftError
 from .objects import Chain, Flowtable, Listing, Set
@@ -34,13 +35,38 @@ class NftCLI:
             raise NftError(f"the nft program ({self.nft}) is not installed") from None
 
     def apply(self, txn: Transaction | str) -> None:
-        """Apply a transaction whole, or raise ``NftError`` (then nothing was applied)."""
-        text = txn if isinstance(txn, str) else txn.render()
-        if not text:
+        """Apply a transaction whole, or raise ``NftError`` (then nothing was applied).
+
+        A ``Transaction`` is written to nft one operation at a time, as it is rendered:
+        the script of a large sync is never held in memory whole, and nft parses while
+        the rest is being rendered."""
+        if isinstance(txn, str):
+            if not txn:
+                return
+            proc = self._run(["-f", "-"], txn)
+            if proc.returncode != 0:
+                raise parse_error(proc.stderr, txn)
             return
-        proc = self._run(["-f", "-"], text)
-        if proc.returncode != 0:
-            raise parse_error(proc.stderr, text)
+        if not txn.ops:
+            return
+        # nft's messages go to a file, not a pipe: nft could otherwise block writing
+        # them while this process blocks writing the script
+        with tempfile.TemporaryFile("w+") as err:
+            try:
+                proc = subprocess.Popen([self.nft, "-f", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=err, text=True)
+            except FileNotFoundError:
+                raise NftError(f"the nft program ({self.nft}) is not installed") from None
+            try:
+                with proc.stdin as out:
+                    for op in txn.ops:
+                        out.write(op.render())
+                        out.write("\n")
+            except BrokenPipeError:
+                pass  # nft stopped reading: its exit status and message say why
+            if proc.wait() != 0:
+                err.seek(0)
+                raise parse_error(err.read(), txn.render())
 
     def check(self, txn: Transaction | str) -> None:
         """Let nft validate a transaction without applying it (``nft -c``)."""

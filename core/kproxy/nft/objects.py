@@ -9,6 +9,7 @@ a transaction can only ever hold well-formed objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 import re
 
 from . import values as v
@@ -73,11 +74,11 @@ class Chain:
     def is_base(self) -> bool:
         return self.hook is not None
 
-    @property
+    @cached_property  # one tuple per object, shared by everything keyed by it
     def key(self):
         return ("chain", self.family, self.table, self.name)
 
-    @property
+    @cached_property
     def table_key(self):
         return (self.family, self.table)
 
@@ -167,11 +168,11 @@ class Set:
     def kind(self) -> str:
         return "map" if self.is_map else "set"
 
-    @property
+    @cached_property  # one tuple per object, shared by every element key of the set
     def key(self):
         return ("set", self.family, self.table, self.name)
 
-    @property
+    @cached_property
     def table_key(self):
         return (self.family, self.table)
 
@@ -233,8 +234,9 @@ def check_element_text(text: str, set_name: str) -> str:
 @dataclass(frozen=True)
 class Elements:
     """Several elements of one set or map, written as one command: far cheaper to build,
-    render and for nft to parse than one command each. ``items`` are (key, value,
-    comment) triples whose texts passed ``check_element_text``."""
+    render and for nft to parse than one command each. ``items`` are tuples that start
+    with (key, value, comment), whose texts passed ``check_element_text`` (what follows
+    is ignored: the engine passes its own element records as they are)."""
 
     family: str
     table: str
@@ -246,17 +248,18 @@ class Elements:
         return (self.family, self.table)
 
     def body(self, keys_only: bool = False) -> str:
+        if keys_only:
+            return ", ".join([item[0] for item in self.items])
         parts = []
-        for key, value, comment in self.items:
-            if keys_only:
-                parts.append(key)
-                continue
-            c = f" comment {v.comment(comment)}" if comment else ""
-            parts.append(key + c + (f" : {value}" if value is not None else ""))
+        for item in self.items:
+            key, value, comment = item[0], item[1], item[2]
+            if comment:
+                key = f"{key} comment {v.comment(comment)}"
+            parts.append(key if value is None else f"{key} : {value}")
         return ", ".join(parts)
 
     def split(self):
-        return [Element(self.family, self.table, self.set, k, val, c) for k, val, c in self.items]
+        return [Element(self.family, self.table, self.set, item[0], item[1], item[2]) for item in self.items]
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,13 @@ class Transaction:
 
     def _op(self, verb, obj, handle=None):
         op = Op(verb, obj, handle)
-        op.render()  # reject impossible operations when they are added, not at apply time
+        # reject impossible operations when they are added, not at apply time (without
+        # rendering thousands of elements just to learn that adding them is possible)
+        if isinstance(obj, Elements):
+            if verb not in ("add", "delete"):
+                raise ValueError(f"cannot {verb} elements")
+        else:
+            op.render()
         self.ops.append(op)
         return self
 

@@ -70,6 +70,8 @@ def cidr(value, version: int | None = None) -> str:
 
 
 def port(value) -> str:
+    if value.__class__ is int and 0 < value < 65536:  # the common case, in one test
+        return str(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f"invalid port {value!r}: must be an integer 1..65535")
     return str(value)
