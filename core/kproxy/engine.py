@@ -385,6 +385,7 @@ class Engine:
         for k, _ in due:
             self.stale_chains.pop(k, None)
         return not failed
+
     def sync(self, full: bool | None = None, changed: set | None = None) -> SyncResult:
         """One sync of the current state into the kernel; never raises for plugin or nft
         failures (they are in the result, and the kernel keeps its previous rules).
