@@ -104,8 +104,10 @@ class FamilyMaps:
         if chain is None:
             chain = self._chains[(group, n)] = Chain(self.fam, self.table, f"{group}-{n}")
         self._ctx.declare(chain)
+        add, backends = self._ctx.add_element, self.backends[group]
         for i, ep in enumerate(endpoints):
-            self._ctx.add_element(self.backends[group], f"{key} . {i}", f"{v.ip(ep.ip, self.version)} . {v.port(ep.port)}")
+            # the model validated these and holds addresses canonically: no second check
+            add(backends, f"{key} . {i}", f"{ep.ip} . {ep.port}")
         verdict = f"goto {group}-{n}"
         return sticky.verdict(group, key, verdict, endpoints) if sticky else verdict
 
