@@ -4,13 +4,14 @@ It keeps the state a kernel would keep and rejects what the kernel would reject:
 in a missing table or chain, references to missing chains, sets, flowtables or counters,
 ``create`` of something that exists, deleting what does not exist or what is still
 referenced, a map element whose key exists with another value. Like the kernel it applies a transaction
-whole or not at all.
+whole or not at all, and a reader in another thread never sees half of one.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import threading
 from dataclasses import dataclass, field
 
 from .errors import NftError
@@ -41,12 +42,17 @@ class FakeNft:
         self.tables: dict[tuple[str, str], _Table] = {}
         self._handle = 0
         self.transactions: list[Transaction] = []
+        self._lock = threading.RLock()  # a transaction is applied in place: readers wait for it
 
     def available(self) -> bool:
         return True
 
     # -- backend interface -------------------------------------------------------------
     def apply(self, txn: Transaction) -> None:
+        with self._lock:
+            self._apply(txn)
+
+    def _apply(self, txn: Transaction) -> None:
         state = copy.deepcopy(self.tables)
         handle = self._handle
         for lineno, op in enumerate(txn.ops, 1):
@@ -58,11 +64,12 @@ class FakeNft:
         self.transactions.append(txn)
 
     def check(self, txn: Transaction) -> None:
-        state, handle, applied = copy.deepcopy(self.tables), self._handle, list(self.transactions)
-        try:
-            self.apply(txn)
-        finally:
-            self.tables, self._handle, self.transactions = state, handle, applied
+        with self._lock:
+            state, handle, applied = copy.deepcopy(self.tables), self._handle, list(self.transactions)
+            try:
+                self._apply(txn)
+            finally:
+                self.tables, self._handle, self.transactions = state, handle, applied
 
     def list_tables(self) -> list[tuple[str, str]]:
         return list(self.tables)
@@ -85,7 +92,8 @@ class FakeNft:
         return self.elements(s.family, s.table, s.name)
 
     def elements(self, family: str, table: str, set_name: str) -> dict[str, str | None]:
-        return {k: v for k, (v, _) in self.tables[(family, table)].elements[set_name].items()}
+        with self._lock:
+            return {k: v for k, (v, _) in self.tables[(family, table)].elements[set_name].items()}
 
     def counters(self, family: str, table: str) -> dict[str, tuple[int, int, str | None]]:
         """name -> (packets, bytes, comment) of the table's named counters."""
@@ -100,6 +108,10 @@ class FakeNft:
     def dump(self) -> str:
         """The whole ruleset as normalised text: tables, chains, sets sorted by name,
         elements sorted; rule order kept (it matters)."""
+        with self._lock:
+            return self._dump()
+
+    def _dump(self) -> str:
         out = []
         for key in sorted(self.tables):
             t = self.tables[key]
