@@ -73,6 +73,10 @@ class Service(Struct, frozen=True, gc=False):
         """kube-proxy's ServicePortName string, ``namespace/name:port``."""
         return f"{self.namespace}/{self.name}:{port.name}"
 
+    def cluster_ips_of(self, version: int) -> tuple[str, ...]:
+        """The ClusterIPs of IP ``version`` (4 or 6), canonical like every address here."""
+        return tuple(ip for ip in self.cluster_ips if (":" in ip) == (version == 6))
+
 
 class Endpoint(Struct, frozen=True, gc=False):
     ip: str

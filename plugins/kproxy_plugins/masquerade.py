@@ -38,7 +38,7 @@ def kproxy_pre_render(ctx):
         addr_t = v.addr_type(fam)
         hairpin = ctx.declare(Set(fam, table, L.HAIRPIN, f"{addr_t} . {addr_t}", comment="endpoint . endpoint"))
         for svc in services:
-            if not any((":" in ip) == (version == 6) for ip in svc.cluster_ips):
+            if not svc.cluster_ips_of(version):
                 continue  # a family handles only the Services with a ClusterIP of it: no DNAT here
             # only a pod of this node can reach itself through this node's DNAT
             addrs = [v.ip(ep.ip, version) for port in svc.ports for ep in endpoints(svc, port, version)

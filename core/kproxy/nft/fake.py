@@ -72,24 +72,28 @@ class FakeNft:
                 self.tables, self._handle, self.transactions = state, handle, applied
 
     def list_tables(self) -> list[tuple[str, str]]:
-        return list(self.tables)
+        with self._lock:
+            return list(self.tables)
 
     def list_objects(self, family: str, table: str) -> Listing:
-        t = self.tables.get((family, table))
-        if t is None:
-            raise NftError(f"No such file or directory: table {family} {table}")
-        return Listing(dict(t.chains), dict(t.sets), dict(t.flowtables))
-
-    # -- inspection for tests ---------------------------------------------------------
-    def rules(self, family: str, table: str, chain: str) -> list[str]:
-        return [r.body() for _, r in self.tables[(family, table)].rules[chain]]
+        with self._lock:
+            t = self.tables.get((family, table))
+            if t is None:
+                raise NftError(f"No such file or directory: table {family} {table}")
+            return Listing(dict(t.chains), dict(t.sets), dict(t.flowtables))
 
     def list_elements(self, s: Set) -> dict[str, str | None]:
         """Like ``NftCLI.list_elements``."""
-        t = self.tables.get((s.family, s.table))
-        if t is None or s.name not in t.elements:
-            raise NftError(f"No such file or directory: {s.ref()}")
-        return self.elements(s.family, s.table, s.name)
+        with self._lock:
+            t = self.tables.get((s.family, s.table))
+            if t is None or s.name not in t.elements:
+                raise NftError(f"No such file or directory: {s.ref()}")
+            return self.elements(s.family, s.table, s.name)
+
+    # -- inspection for tests ---------------------------------------------------------
+    def rules(self, family: str, table: str, chain: str) -> list[str]:
+        with self._lock:
+            return [r.body() for _, r in self.tables[(family, table)].rules[chain]]
 
     def elements(self, family: str, table: str, set_name: str) -> dict[str, str | None]:
         with self._lock:
@@ -97,7 +101,8 @@ class FakeNft:
 
     def counters(self, family: str, table: str) -> dict[str, tuple[int, int, str | None]]:
         """name -> (packets, bytes, comment) of the table's named counters."""
-        return {n: (c[1], c[2], c[0].comment) for n, c in self.tables[(family, table)].counters.items()}
+        with self._lock:
+            return {n: (c[1], c[2], c[0].comment) for n, c in self.tables[(family, table)].counters.items()}
 
     def count(self, family: str, table: str, name: str, packets: int, nbytes: int) -> None:
         """Pretend traffic hit a named counter."""

@@ -116,7 +116,7 @@ def _family_ips(ips, version: int) -> list[str]:
     return [v.ip(ip, version) for ip in ips if (":" in ip) == (version == 6)]
 
 
-def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node_ip: str | None):
+def _program_port(ctx, m: FamilyMaps, svc, cluster_ips, port, node_name: str, zone: str, node_ip: str | None):
     add = ctx.add_element
     version = m.version
     eps = categorize(ctx.state.service_endpoints(svc, port, version), node_name, zone)
@@ -125,11 +125,8 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
     comment = svc.port_name(port)
     reject = "goto reject-chain"
 
-    def family_ips(ips):
-        return _family_ips(ips, version)
-
     sticky = m.affinity.port(svc, port, eps.local) if svc.affinity_timeout and eps.has_any else None
-    for ip in family_ips(svc.cluster_ips):
+    for ip in cluster_ips:
         dest = f"{ip} . {proto} . {pnum}"
         add(m.cluster_ips, ip)
         if internal:
@@ -141,17 +138,17 @@ def _program_port(ctx, m: FamilyMaps, svc, port, node_name: str, zone: str, node
             add(m.no_endpoint_services, dest, "drop" if eps.has_any else reject, comment)
 
     lb_ips = [i.ip for i in svc.lb_ingress if i.ip_mode != "Proxy"]
-    for ip in family_ips(list(svc.external_ips) + lb_ips):
+    for ip in _family_ips(list(svc.external_ips) + lb_ips, version):
         _program_external(ctx, m, svc, eps, f"{ip} . {proto} . {pnum}", "", sticky, comment)
 
     ranges = [r for r in svc.lb_source_ranges if ipaddress.ip_network(r).version == version]
-    for ip in family_ips(lb_ips) if ranges else ():
+    for ip in _family_ips(lb_ips, version) if ranges else ():
         dest = f"{ip} . {proto} . {pnum}"
         add(m.firewall_ips, dest)
         for r in ranges:
             add(m.firewall_allow, f"{dest} . {v.cidr(r, version)}")
         if node_ip and any(ipaddress.ip_address(node_ip) in ipaddress.ip_network(r) for r in ranges):
-            for own in family_ips(lb_ips):  # kube-proxy: traffic from the node to its LB VIPs
+            for own in _family_ips(lb_ips, version):  # kube-proxy: traffic from the node to its LB VIPs
                 add(m.firewall_allow, f"{dest} . {own}/{32 if version == 4 else 128}")
 
     if port.node_port and svc.type in ("NodePort", "LoadBalancer"):
@@ -204,11 +201,12 @@ def kproxy_pre_render(ctx):
                 ctx.add_element(m.nodeport_ips, v.ip(ip, version))
         node_ip = state.node.primary_ip(version) if state.node else None
         for svc in ctx.services():
-            if not _family_ips(svc.cluster_ips, version):
+            cluster_ips = svc.cluster_ips_of(version)
+            if not cluster_ips:
                 continue  # like kube-proxy, a family handles only the Services with a ClusterIP of it
             with ctx.scope_of(svc):
                 for port in svc.ports:
-                    _program_port(ctx, m, svc, port, node_name, zone, node_ip)
+                    _program_port(ctx, m, svc, cluster_ips, port, node_name, zone, node_ip)
 
 
 def _rules(ctx, chain) -> list | None:

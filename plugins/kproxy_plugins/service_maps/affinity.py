@@ -195,6 +195,8 @@ def release_removed(backend, before: dict, now: dict) -> int:
         prev = before.get(key)
         if prev is None or prev - usable:
             released += remove_stale(backend, key[0], key[1], key[2], key[3], usable)
+    if released:
+        log.info("released %d ClientIP-affinity clients of endpoints no longer in use", released)
     return released
 
 
