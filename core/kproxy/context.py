@@ -20,6 +20,7 @@ MAIN_TABLE = "kproxy"
 TABLE_PREFIX = "kproxy-"  # tables of plugins
 FAMILY_OF_VERSION = {4: "ip", 6: "ip6"}
 GLOBAL = ()  # the scope of objects that belong to no Service
+INDEXED = "indexed"  # the third part of an indexed run's element key (see ``add_indexed``)
 
 
 def is_kproxy_table(name: str) -> bool:
@@ -39,6 +40,7 @@ class Declarations:
 
     objects: dict = field(default_factory=dict)  # key -> (obj, owner, scope)
     elements: dict = field(default_factory=dict)  # (set key, element key) -> (element key, value, comment, owner, scope)
+    # an indexed run: (set key, key, INDEXED) -> (key, tuple of values, comment, owner, scope)
 
     def keys(self) -> tuple[tuple, tuple]:
         """(object keys, element keys): all a committed scope must remember, which is
@@ -135,6 +137,30 @@ class SyncContext:
             if old[1] != value:
                 raise PluginError(f"plugin {self.plugin}: element {key} of {s.name} maps to {value}, but plugin "
                                   f"{old[3]} already mapped it to {old[1]}", plugin=self.plugin)
+            elems[k] = new
+
+    def add_indexed(self, s: Set, key: str, values: tuple[str, ...], comment: str | None = None) -> None:
+        """Add the map elements ``key . 0`` … ``key . N-1`` mapping to the N ``values``
+        in turn (a map looked up with an index, such as ``numgen random mod N``).
+
+        They are declared, compared and kept as one unit (an *indexed run*): at ten
+        endpoints per Service that is a tenth of the records a sync makes and keeps. A
+        run owns its indices: do not also add single elements ``key . i`` to the map."""
+        if not values:
+            return
+        if not key or _UNSAFE.search(key) or _UNSAFE.search(" ".join(values)) or not all(values):
+            check_element_text(key, s.name)
+            for value in values:
+                check_element_text(value, s.name)
+        if type(values) is not tuple:
+            values = tuple(values)
+        elems, k, new = self._elements, (s.key, key, INDEXED), (key, values, comment, self.plugin, self._scope)
+        old = elems.setdefault(k, new)
+        if old is not new:
+            if old[1] != values:
+                raise PluginError(f"plugin {self.plugin}: elements {key} . 0-{len(values) - 1} of {s.name} map to "
+                                  f"{', '.join(values)}, but plugin {old[3]} already mapped them to "
+                                  f"{', '.join(old[1])}", plugin=self.plugin)
             elems[k] = new
 
     def keep_table(self, table: Table) -> None:

@@ -66,11 +66,27 @@ BATCH = 2000  # elements per nft command
 
 
 def _batched(txn: Transaction, verb: str, items_by_set: dict) -> None:
-    """Add/delete elements grouped per set, ``BATCH`` per command."""
+    """Add/delete elements grouped per set, about ``BATCH`` per command (an indexed
+    run counts as its elements)."""
     for set_key, items in items_by_set.items():
         _, family, table, name = set_key
-        for i in range(0, len(items), BATCH):
-            getattr(txn, verb)(Elements(family, table, name, tuple(items[i:i + BATCH])))
+        start, size = 0, 0
+        for i, item in enumerate(items):
+            value = item[1]
+            size += len(value) if type(value) is tuple else 1
+            if size >= BATCH:
+                getattr(txn, verb)(Elements(family, table, name, tuple(items[start:i + 1])))
+                start, size = i + 1, 0
+        if start < len(items):
+            getattr(txn, verb)(Elements(family, table, name, tuple(items[start:])))
+
+
+def _verdicts(value) -> str | None:
+    """The text of an element value (or of an indexed run's values) that jumps to a
+    chain, if it does."""
+    if type(value) is tuple:
+        value = " ".join(value)
+    return value if value and ("goto" in value or "jump" in value) else None
 
 
 @dataclass
@@ -227,7 +243,7 @@ class Engine:
                 raise PluginError(f"plugin {val[3]}: element {val[0]} added to undeclared set {set_key[3]}")
             for val in items:
                 value = val[1]
-                if value and ("goto" in value or "jump" in value) and (set_key, value) not in verdicts:
+                if (set_key, value) not in verdicts and _verdicts(value):
                     verdicts[(set_key, value)] = (set_key, val)
         for key in conflicts:
             log.warning("element %s of %s is wanted with different values; using %s",
@@ -292,11 +308,12 @@ class Engine:
             for r in chain_rules:
                 check(r.family, r.table, r.text, r.owner, f"a rule in chain {r.chain}")
         for set_key, (elem, value, _, owner, _) in elements:
-            if value and ("goto" in value or "jump" in value):
+            text = _verdicts(value)
+            if text:
                 _, fam, table, name = set_key
-                if (fam, table, value) not in checked:  # verdicts repeat: check each once
-                    check(fam, table, value, owner, f"element {elem} of {name}")
-                    checked.add((fam, table, value))
+                if (fam, table, text) not in checked:  # verdicts repeat: check each once
+                    check(fam, table, text, owner, f"element {elem} of {name}")
+                    checked.add((fam, table, text))
 
     @staticmethod
     def _tables(objects) -> set:
@@ -355,11 +372,24 @@ class Engine:
         deletes: dict = {}
         adds: dict = {}
         for ch in el_changes:
-            set_key = ch.key[0]
-            if ch.before is not None and (ch.after is None or ch.after[1] != ch.before[1]):
+            set_key, before, after = ch.key[0], ch.before, ch.after
+            if before is not None and after is not None and before[1] == after[1]:
+                continue
+            if len(ch.key) == 3:  # an indexed run: only the indices whose value changed
+                old, new = (before[1] if before else ()), (after[1] if after else ())
+                for i in range(max(len(old), len(new))):
+                    was, now = old[i] if i < len(old) else None, new[i] if i < len(new) else None
+                    if was != now:
+                        key = f"{ch.key[1]} . {i}"
+                        if was is not None:
+                            deletes.setdefault(set_key, []).append((key, None, None))
+                        if now is not None:
+                            adds.setdefault(set_key, []).append((key, now, after[2]))
+                continue
+            if before is not None:
                 deletes.setdefault(set_key, []).append((ch.key[1], None, None))
-            if ch.after is not None and (ch.before is None or ch.after[1] != ch.before[1]):
-                adds.setdefault(set_key, []).append(ch.after)  # an element value is an Elements item
+            if after is not None:
+                adds.setdefault(set_key, []).append(after)  # an element value is an Elements item
         _batched(txn, "delete", deletes)
         _batched(txn, "add", adds)
         return txn

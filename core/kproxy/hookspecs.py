@@ -64,7 +64,8 @@ def kproxy_pre_render(ctx):
     Called once per sync, before any chain is rendered. ``ctx`` is a
     ``kproxy.engine.SyncContext``: read the cluster state from ``ctx.state`` and the
     config from ``ctx.config``; declare tables, chains, sets, maps and flowtables with
-    ``ctx.declare(obj)`` and add set or map elements with ``ctx.add_element(...)``. The
+    ``ctx.declare(obj)`` and add set or map elements with ``ctx.add_element(...)`` (a
+    run ``key . 0`` … ``key . N-1`` of an index-keyed map with ``ctx.add_indexed(...)``). The
     main tables are ``ctx.table(4)`` and ``ctx.table(6)``; a plugin may declare tables
     of its own, whose names must start with ``kproxy-``. Every declared object belongs
     to the plugin that declared it; declaring an object another plugin declared is an

@@ -473,3 +473,84 @@ def test_render_annotate_names_the_owner_of_each_line():
     for line in lines:
         if line.startswith(("add chain", "add rule", "add set", "add map")):
             assert re.search(r"  # (service-maps|masquerade)$", line), line
+
+
+# -- indexed runs (``ctx.add_indexed``) ---------------------------------------------------
+
+class Indexed:
+    """Declares chains ``c`` and ``d`` and the map ``m`` (index : verdict or address),
+    and the runs in ``runs`` ({key: values}); ``runs`` may be changed between syncs."""
+
+    def __init__(self, runs, value_type="ipv4_addr"):
+        self.runs, self.value_type = runs, value_type
+        self.map = Set(FAM, TBL, "m", "ipv4_addr . inet_service", value_type)
+
+    @hookimpl
+    def kproxy_pre_render(self, ctx):
+        ctx.declare(chain("c"))
+        ctx.declare(chain("d"))
+        ctx.declare(self.map)
+        for key, values in self.runs.items():
+            ctx.add_indexed(self.map, key, values)
+
+
+def test_indexed_run_is_written_as_its_elements():
+    app = make_app(("p", Indexed({"10.0.0.1": ("10.1.0.1", "10.1.0.2", "10.1.0.3")})))
+    assert app.sync().ok
+    assert app.backend.elements(FAM, TBL, "m") == {
+        "10.0.0.1 . 0": "10.1.0.1", "10.0.0.1 . 1": "10.1.0.2", "10.0.0.1 . 2": "10.1.0.3"}
+
+
+def test_partial_sync_writes_only_the_indices_that_changed():
+    runs = {"10.0.0.1": ("10.1.0.1", "10.1.0.2", "10.1.0.3"), "10.0.0.2": ("10.2.0.1",)}
+    app = make_app(("p", Indexed(runs)))
+    assert app.sync().ok
+    runs["10.0.0.1"] = ("10.1.0.1", "10.1.0.9")  # one value changed, one index gone
+    runs["10.0.0.2"] = ("10.2.0.1", "10.2.0.2")  # one index more
+    result = app.engine.sync(False, set())
+    assert result.ok and not result.full
+    written = {}  # verb -> elements, in any order
+    for line in result.transaction.render().splitlines():
+        verb, _, body = re.fullmatch(r"(add|delete) element ip kproxy m \{ (.*) \}", line).group(1, 0, 2)
+        written.setdefault(verb, set()).update(body.split(", "))
+    assert written == {"delete": {"10.0.0.1 . 1", "10.0.0.1 . 2"},
+                       "add": {"10.0.0.1 . 1 : 10.1.0.9", "10.0.0.2 . 1 : 10.2.0.2"}}
+    assert app.backend.elements(FAM, TBL, "m") == {
+        "10.0.0.1 . 0": "10.1.0.1", "10.0.0.1 . 1": "10.1.0.9", "10.0.0.2 . 0": "10.2.0.1", "10.0.0.2 . 1": "10.2.0.2"}
+    del runs["10.0.0.2"]
+    assert app.engine.sync(False, set()).ok
+    assert app.backend.elements(FAM, TBL, "m") == {"10.0.0.1 . 0": "10.1.0.1", "10.0.0.1 . 1": "10.1.0.9"}
+
+
+def test_indexed_runs_that_disagree_name_both_plugins():
+    app = make_app(("a", Indexed({"10.0.0.1": ("10.1.0.1",)})), ("b", _RunOnly({"10.0.0.1": ("10.1.0.2",)})))
+    result = app.sync()
+    assert not result.ok and result.failed_plugin == "b"
+    assert result.error == ("plugin b: elements 10.0.0.1 . 0-0 of m map to 10.1.0.2, "
+                            "but plugin a already mapped them to 10.1.0.1")
+
+
+def test_indexed_run_with_unsafe_text_names_the_map():
+    app = make_app(("p", Indexed({"10.0.0.1": ("10.1.0.1", "10.1.0.2 } ; flush ruleset")})))
+    result = app.sync()
+    assert not result.ok and result.failed_plugin == "p"
+    assert "invalid element text" in result.error and "for set m" in result.error
+
+
+def test_indexed_run_of_verdicts_must_jump_to_declared_chains():
+    app = make_app(("p", Indexed({"10.0.0.1": ("goto c", "goto nowhere")}, value_type="verdict")))
+    result = app.sync()
+    assert not result.ok
+    assert result.error == "plugin p: element 10.0.0.1 of m jumps to chain nowhere, which is not declared"
+    app = make_app(("p", Indexed({"10.0.0.1": ("goto c", "goto d")}, value_type="verdict")))
+    assert app.sync().ok
+
+
+class _RunOnly:
+    def __init__(self, runs):
+        self.runs = runs
+
+    @hookimpl
+    def kproxy_pre_render(self, ctx):
+        for key, values in self.runs.items():
+            ctx.add_indexed(Set(FAM, TBL, "m", "ipv4_addr . inet_service", "ipv4_addr"), key, values)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy.nft import Chain, Element, FakeNft, Flowtable, NftError, Rule, Set, Table, Transaction
+from kproxy.nft import Chain, Element, Elements, FakeNft, Flowtable, NftError, Rule, Set, Table, Transaction
 from kproxy.nft import values as v
 from kproxy.nft.cli import parse_error
 
@@ -488,3 +488,16 @@ def test_list_elements_reads_nfts_json(monkeypatch):
     assert nft.list_elements(Set("ip", "t", "eps", "ipv4_addr . inet_service")) == {"10.1.1.1 . 80": None}
     assert nft.list_elements(Set("ip", "t", "v", "inet_service", "verdict")) == {"80": "goto c-2", "81": "drop"}
     assert calls[0] == ["-j", "list", "map", "ip", "t", "aff"] and calls[1][2] == "set"
+
+
+def test_elements_expand_indexed_runs():
+    els = Elements("ip", "kproxy", "m", (("10.0.0.1 . tcp . 80", ("10.1.0.1 . 8080", "10.1.0.2 . 8080"), "ns/a:http"),
+                                          ("10.0.0.2 . tcp . 80", "goto x", None)))
+    assert Transaction().add(els).render() == (
+        'add element ip kproxy m { 10.0.0.1 . tcp . 80 . 0 comment "ns/a:http" : 10.1.0.1 . 8080, '
+        '10.0.0.1 . tcp . 80 . 1 comment "ns/a:http" : 10.1.0.2 . 8080, 10.0.0.2 . tcp . 80 : goto x }\n')
+    assert Transaction().delete(els).render() == (
+        "delete element ip kproxy m { 10.0.0.1 . tcp . 80 . 0, 10.0.0.1 . tcp . 80 . 1, 10.0.0.2 . tcp . 80 }\n")
+    assert [(e.key, e.value) for e in els.split()] == [
+        ("10.0.0.1 . tcp . 80 . 0", "10.1.0.1 . 8080"), ("10.0.0.1 . tcp . 80 . 1", "10.1.0.2 . 8080"),
+        ("10.0.0.2 . tcp . 80", "goto x")]

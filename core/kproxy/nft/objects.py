@@ -236,7 +236,9 @@ class Elements:
     """Several elements of one set or map, written as one command: far cheaper to build,
     render and for nft to parse than one command each. ``items`` are tuples that start
     with (key, value, comment), whose texts passed ``check_element_text`` (what follows
-    is ignored: the engine passes its own element records as they are)."""
+    is ignored: the engine passes its own element records as they are). An item whose
+    value is a tuple is an *indexed run*: the elements ``key . 0`` … ``key . N-1``
+    mapping to the N values in turn, expanded only when written."""
 
     family: str
     table: str
@@ -247,19 +249,32 @@ class Elements:
     def table_key(self):
         return (self.family, self.table)
 
+    def expanded(self):
+        """(key, value, comment) of every element, indexed runs expanded."""
+        for item in self.items:
+            key, value, comment = item[0], item[1], item[2]
+            if type(value) is tuple:
+                for i, val in enumerate(value):
+                    yield f"{key} . {i}", val, comment
+            else:
+                yield key, value, comment
+
     def body(self, keys_only: bool = False) -> str:
         if keys_only:
-            return ", ".join([item[0] for item in self.items])
+            return ", ".join([key for key, _, _ in self.expanded()])
         parts = []
         for item in self.items:
             key, value, comment = item[0], item[1], item[2]
-            if comment:
-                key = f"{key} comment {v.comment(comment)}"
-            parts.append(key if value is None else f"{key} : {value}")
+            c = f" comment {v.comment(comment)}" if comment else ""
+            if type(value) is tuple:
+                parts.extend([f"{key} . {i}{c} : {val}" for i, val in enumerate(value)])
+            else:
+                parts.append(f"{key}{c}" if value is None else f"{key}{c} : {value}")
         return ", ".join(parts)
 
     def split(self):
-        return [Element(self.family, self.table, self.set, item[0], item[1], item[2]) for item in self.items]
+        return [Element(self.family, self.table, self.set, key, value, comment)
+                for key, value, comment in self.expanded()]
 
 
 @dataclass(frozen=True)

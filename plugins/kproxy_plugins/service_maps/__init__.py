@@ -94,6 +94,7 @@ class FamilyMaps:
         self.nodeport_ips = None
         self._ctx = ctx
         self._chains: dict = {}
+        self._last_endpoints, self._last_values = None, ()
 
     def balance(self, group: str, key: str, endpoints, sticky: A.PortAffinity | None = None) -> str:
         """Add the backend elements of one destination (and declare the chain that
@@ -104,10 +105,10 @@ class FamilyMaps:
         if chain is None:
             chain = self._chains[(group, n)] = Chain(self.fam, self.table, f"{group}-{n}")
         self._ctx.declare(chain)
-        add, backends = self._ctx.add_element, self.backends[group]
-        for i, ep in enumerate(endpoints):
+        if endpoints is not self._last_endpoints:  # a port's endpoints are often balanced for several destinations
             # the model validated these and holds addresses canonically: no second check
-            add(backends, f"{key} . {i}", f"{ep.ip} . {ep.port}")
+            self._last_endpoints, self._last_values = endpoints, tuple([f"{ep.ip} . {ep.port}" for ep in endpoints])
+        self._ctx.add_indexed(self.backends[group], key, self._last_values)
         verdict = f"goto {group}-{n}"
         return sticky.verdict(group, key, verdict, endpoints) if sticky else verdict
 
