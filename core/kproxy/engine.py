@@ -241,6 +241,8 @@ class Engine:
             if set_key not in objects:
                 val = items[0]
                 raise PluginError(f"plugin {val[3]}: element {val[0]} added to undeclared set {set_key[3]}")
+            if objects[set_key][0].value_type != "verdict":
+                continue  # only a verdict can jump (nft rejects a jump anywhere else)
             for val in items:
                 value = val[1]
                 if (set_key, value) not in verdicts and _verdicts(value):

@@ -28,7 +28,7 @@ SRCNAT_PRIORITY = 100
 @hookimpl
 def kproxy_pre_render(ctx):
     """Declare the masquerade chains and the hairpin pairs of every endpoint."""
-    node = ctx.config.node_name
+    here = {ctx.config.node_name, ""}  # this node, or no node
     services = ctx.services()
     endpoints = ctx.state.service_endpoints
     for version in (4, 6):
@@ -41,8 +41,8 @@ def kproxy_pre_render(ctx):
             if not svc.cluster_ips_of(version):
                 continue  # a family handles only the Services with a ClusterIP of it: no DNAT here
             # only a pod of this node can reach itself through this node's DNAT
-            addrs = [v.ip(ep.ip, version) for port in svc.ports for ep in endpoints(svc, port, version)
-                     if ep.node_name in (node, "")]
+            # the model holds addresses canonically: no second validation
+            addrs = [ep.ip for port in svc.ports for ep in endpoints(svc, port, version) if ep.node_name in here]
             if addrs:  # most Services have no endpoint here: their scope is not even entered
                 with ctx.scope_of(svc):
                     for addr in addrs:
