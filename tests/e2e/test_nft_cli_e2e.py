@@ -126,3 +126,24 @@ def test_list_objects_matches_list_table_without_the_other_tables(clean, flowtab
     assert got["empty"] == {"chains": [], "sets": [], "flowtables": []}
     assert got["missing"].startswith(f"nft list table {FAMILY} kplist-missing failed: ")
     assert "No such file or directory" in got["missing"]
+
+
+TABLES = r"""
+import json, subprocess
+from kproxy.nft import NftCLI
+old = json.loads(subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True, check=True).stdout)
+print(json.dumps({"new": NftCLI().list_tables(),
+                  "old": [[i["table"]["family"], i["table"]["name"]] for i in old["nftables"] if "table" in i]}))
+"""
+
+
+def test_list_tables_matches_nft_list_tables(clean):
+    node = clean.node
+    try:
+        node.run(["nft", "-f", "-"], input=RULESET)
+        got = json.loads(node.run([sys.executable, "-c", TABLES]).stdout)
+    finally:
+        for fam, name in ((FAMILY, TABLE), (FAMILY, OTHER), (FAMILY, EMPTY), ("ip", TABLE)):
+            node.run(["nft", "delete", "table", fam, name], check=False)
+    assert got["new"] == got["old"]  # the same tables, in the same order
+    assert {(FAMILY, TABLE), (FAMILY, OTHER), (FAMILY, EMPTY), ("ip", TABLE)} <= {tuple(t) for t in got["new"]}

@@ -581,3 +581,20 @@ def test_list_objects_errors_name_the_table(monkeypatch):
     _fake_nft_run(monkeypatch, _LIST_IP[:-40])
     with pytest.raises(NftError, match=r"^nft list table ip t failed: unreadable output"):
         NftCLI().list_objects("ip", "t")
+
+
+def test_list_tables_reads_the_terse_ruleset(monkeypatch):
+    """list_tables takes the tables from ``-t list ruleset`` (``list tables`` fetches every
+    element with nft 1.0.6)."""
+    from kproxy.nft import NftCLI
+
+    calls = _fake_nft_run(monkeypatch, '{"nftables": [{"metainfo": {"version": "1.0.6"}}, '
+                                       '{"table": {"family": "ip", "name": "kproxy", "handle": 1}}, '
+                                       '{"chain": {"family": "ip", "table": "kproxy", "name": "c", "handle": 1}}, '
+                                       '{"set": {"family": "ip", "name": "s", "table": "kproxy", "type": "ipv4_addr"}}, '
+                                       '{"table": {"family": "inet", "name": "filter", "handle": 2}}]}\n')
+    assert NftCLI().list_tables() == [("ip", "kproxy"), ("inet", "filter")]
+    assert calls == [(["-j", "-t", "list", "ruleset"], None)]
+    _fake_nft_run(monkeypatch, "", 1, "Error: Could not process rule: Operation not permitted\n")
+    with pytest.raises(NftError, match=r"^nft list tables failed: Error: Could not process rule"):
+        NftCLI().list_tables()

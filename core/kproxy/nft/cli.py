@@ -78,8 +78,12 @@ class NftCLI:
             raise parse_error(proc.stderr, text)
 
     def list_tables(self) -> list[tuple[str, str]]:
-        """(family, name) of every table in this network namespace."""
-        proc = self._run(["-j", "list", "tables"])
+        """(family, name) of every table in this network namespace.
+
+        Not ``nft list tables``: nft 1.0.6 fetches every rule and set element for it, even
+        with -t (1.5 s at 10,000 Services × 10 endpoints); ``-t list ruleset`` leaves the
+        elements out (a few ms there)."""
+        proc = self._run(["-j", "-t", "list", "ruleset"])
         if proc.returncode != 0:
             raise NftError(f"nft list tables failed: {proc.stderr.strip()}")
         items = json.loads(proc.stdout or '{"nftables": []}')["nftables"]
