@@ -501,3 +501,113 @@ def test_elements_expand_indexed_runs():
     assert [(e.key, e.value) for e in els.split()] == [
         ("10.0.0.1 . tcp . 80 . 0", "10.1.0.1 . 8080"), ("10.0.0.1 . tcp . 80 . 1", "10.1.0.2 . 8080"),
         ("10.0.0.2 . tcp . 80", "goto x")]
+
+
+# nft 1.0.6's answers to list_objects' command file for table t of family ip: the
+# family's chains, sets (all of them: "list sets table" only checks the table is there),
+# maps and flowtables. In t two base chains and one regular, sets and maps (dynamic ones
+# show only "timeout"), a flowtable; in table other a chain, a set and a flowtable of the
+# same names
+_LIST_IP = "\n".join([
+    '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, '
+    '{"chain": {"family": "ip", "table": "t", "name": "svc", "handle": 1}}, '
+    '{"chain": {"family": "ip", "table": "t", "name": "pre", "handle": 2, "type": "nat", "hook": "prerouting", '
+    '"prio": -100, "policy": "accept"}}, {"chain": {"family": "ip", "table": "t", "name": "out", "handle": 3, '
+    '"type": "filter", "hook": "output", "prio": 0, "policy": "accept"}}, '
+    '{"chain": {"family": "ip", "table": "other", "name": "svc", "handle": 1, "type": "filter", "hook": "input", "prio": 0}}]}',
+    '{"nftables": [{"set": {"family": "ip", "name": "cidrs", "table": "t", "type": "ipv4_addr", "handle": 4, '
+    '"flags": ["interval"]}}, {"set": {"family": "ip", "name": "eps", "table": "t", "type": ["ipv4_addr", '
+    '"inet_service"], "handle": 5}}, {"set": {"family": "ip", "name": "ts", "table": "t", "type": "ipv4_addr", '
+    '"handle": 10, "flags": ["timeout"]}}, {"set": {"family": "ip", "name": "cidrs", "table": "other", '
+    '"type": "ipv6_addr", "handle": 2}}]}',
+    '{"nftables": [{"map": {"family": "ip", "name": "vm", "table": "t", "type": ["ipv4_addr", "inet_proto", '
+    '"inet_service"], "handle": 6, "map": "verdict"}}, {"map": {"family": "ip", "name": "nmap", "table": "t", '
+    '"type": "integer", "handle": 7, "map": "ipv4_addr"}}, {"map": {"family": "ip", "name": "aff", "table": "t", '
+    '"type": "ipv4_addr", "handle": 8, "map": "ipv4_addr", "flags": ["timeout"], "timeout": 10800}}]}',
+    '{"nftables": [{"flowtable": {"family": "ip", "name": "ft", "table": "t", "handle": 12, "hook": "ingress", '
+    '"prio": 0, "dev": "eth0"}}, {"flowtable": {"family": "ip", "name": "ft", "table": "other", "handle": 4, '
+    '"hook": "ingress", "prio": 0, "dev": ["eth0", "eth1"]}}]}',
+]) + "\n"
+
+
+def _fake_nft_run(monkeypatch, stdout, returncode=0, stderr=""):
+    """NftCLI._run answering ``stdout``; returns the list of (args, command file text)."""
+    import subprocess
+
+    from kproxy.nft import NftCLI
+
+    calls = []
+
+    def run(self, args, input_text=None):
+        calls.append((args, open(args[-1]).read() if args[-2] == "-f" else None))
+        return subprocess.CompletedProcess(args, returncode, stdout, stderr)
+
+    monkeypatch.setattr(NftCLI, "_run", run)
+    return calls
+
+
+def test_list_objects_reads_one_table_from_the_family_listings(monkeypatch):
+    """list_objects asks for the family's chains, terse sets and maps and flowtables in
+    one nft run (not ``list table``, which fetches every element) and keeps one table's."""
+    from kproxy.nft import NftCLI
+
+    calls = _fake_nft_run(monkeypatch, _LIST_IP)
+    got = NftCLI().list_objects("ip", "t")
+    assert calls == [(["-j", "-t", "-f", calls[0][0][-1]],
+                      "list chains ip\nlist sets table ip t\nlist maps ip\nlist flowtables ip\n")]
+    assert got.chains == {"svc": chain("svc"), "pre": chain("pre", type="nat", hook="prerouting", priority=-100),
+                          "out": chain("out", type="filter", hook="output", priority=0)}
+    assert list(got.chains) == ["svc", "pre", "out"]
+    assert got.sets == {
+        "cidrs": Set("ip", "t", "cidrs", "ipv4_addr", flags=("interval",)),
+        "eps": Set("ip", "t", "eps", "['ipv4_addr', 'inet_service']"),
+        "vm": Set("ip", "t", "vm", "['ipv4_addr', 'inet_proto', 'inet_service']", "verdict"),
+        "nmap": Set("ip", "t", "nmap", "integer", "ipv4_addr"),
+        "aff": Set("ip", "t", "aff", "ipv4_addr", "ipv4_addr", flags=("timeout",)),
+        "ts": Set("ip", "t", "ts", "ipv4_addr", flags=("timeout",)),
+    }
+    assert list(got.sets) == ["cidrs", "eps", "vm", "nmap", "aff", "ts"]  # kernel order, as ``list table`` has it
+    assert got.flowtables == {"ft": Flowtable("ip", "t", "ft", devices=("eth0",))}
+    other = NftCLI().list_objects("ip", "other")
+    assert other.chains == {"svc": Chain("ip", "other", "svc", type="filter", hook="input", priority=0)}
+    assert other.sets == {"cidrs": Set("ip", "other", "cidrs", "ipv6_addr")}
+    assert other.flowtables["ft"].devices == ("eth0", "eth1")
+
+
+def test_list_objects_errors_name_the_table(monkeypatch):
+    from kproxy.nft import NftCLI
+
+    calls = _fake_nft_run(monkeypatch, "", 1, "/tmp/kproxy-list-x.nft:2:20-23: Error: No such file or directory\n"
+                                              "list sets table ip gone\n                   ^^^^\n")
+    with pytest.raises(NftError, match=r"^nft list table ip gone failed: /tmp/kproxy-list-x.nft:2:20-23: Error: No such"):
+        NftCLI().list_objects("ip", "gone")
+    assert calls[0][1].splitlines()[1] == "list sets table ip gone"
+    _fake_nft_run(monkeypatch, "", 1)
+    with pytest.raises(NftError, match=r"^nft list table ip t failed: exit status 1$"):
+        NftCLI().list_objects("ip", "t")
+    for family, table in (("nope", "t"), ("ip", "t\nflush ruleset"), ("ip", "t u")):
+        with pytest.raises(NftError, match=r"failed: not a family and table name nft reads$"):
+            NftCLI().list_objects(family, table)
+    _fake_nft_run(monkeypatch, _LIST_IP.split("\n", 1)[1])  # an answer missing
+    with pytest.raises(NftError, match=r"^nft list table ip t failed: 3 answers to 4 commands$"):
+        NftCLI().list_objects("ip", "t")
+    _fake_nft_run(monkeypatch, _LIST_IP[:-40])
+    with pytest.raises(NftError, match=r"^nft list table ip t failed: unreadable output"):
+        NftCLI().list_objects("ip", "t")
+
+
+def test_list_tables_reads_the_terse_ruleset(monkeypatch):
+    """list_tables takes the tables from ``-t list ruleset`` (``list tables`` fetches every
+    element with nft 1.0.6)."""
+    from kproxy.nft import NftCLI
+
+    calls = _fake_nft_run(monkeypatch, '{"nftables": [{"metainfo": {"version": "1.0.6"}}, '
+                                       '{"table": {"family": "ip", "name": "kproxy", "handle": 1}}, '
+                                       '{"chain": {"family": "ip", "table": "kproxy", "name": "c", "handle": 1}}, '
+                                       '{"set": {"family": "ip", "name": "s", "table": "kproxy", "type": "ipv4_addr"}}, '
+                                       '{"table": {"family": "inet", "name": "filter", "handle": 2}}]}\n')
+    assert NftCLI().list_tables() == [("ip", "kproxy"), ("inet", "filter")]
+    assert calls == [(["-j", "-t", "list", "ruleset"], None)]
+    _fake_nft_run(monkeypatch, "", 1, "Error: Could not process rule: Operation not permitted\n")
+    with pytest.raises(NftError, match=r"^nft list tables failed: Error: Could not process rule"):
+        NftCLI().list_tables()
