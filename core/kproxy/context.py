@@ -146,14 +146,14 @@ class SyncContext:
         They are declared, compared and kept as one unit (an *indexed run*): at ten
         endpoints per Service that is a tenth of the records a sync makes and keeps. A
         run owns its indices: do not also add single elements ``key . i`` to the map."""
+        if type(values) is not tuple:
+            values = tuple(values)
         if not values:
             return
         if not key or _UNSAFE.search(key) or _UNSAFE.search(" ".join(values)) or not all(values):
             check_element_text(key, s.name)
             for value in values:
                 check_element_text(value, s.name)
-        if type(values) is not tuple:
-            values = tuple(values)
         elems, k, new = self._elements, (s.key, key, INDEXED), (key, values, comment, self.plugin, self._scope)
         old = elems.setdefault(k, new)
         if old is not new:
