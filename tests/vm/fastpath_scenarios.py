@@ -34,6 +34,7 @@ STRAGGLERS = 10  # packets of an offloaded flow that may still take the normal p
 SYNC_ALLOWANCE = 10.0  # seconds for the sync and nft under emulation, on top of the debounce
 SCENARIOS = (
     "probe_detects_flowtable_support",
+    "kernel_listing_shows_the_flowtable",
     "long_flow_is_offloaded",
     "short_flow_is_not_offloaded",
     "ipv6_long_flow_is_offloaded",
@@ -78,6 +79,21 @@ class Scenarios:
         devices = self.lab.flowtable_devices()
         check(devices, "no flowtable devices although the node has veths", devices=devices)
         return {"flowtable_devices": devices}
+
+    def kernel_listing_shows_the_flowtable(self):
+        """What a full sync lists of a table in place (``NftCLI.list_objects``) has the
+        flowtable with its devices (the host kernel has no flowtables to check this)."""
+        lab = self.lab
+        code = ("import json; from kproxy.nft import NftCLI; "
+                "l = NftCLI().list_objects('inet', 'kproxy-fastpath'); "
+                "print(json.dumps({'flowtables': {n: sorted(f.devices) for n, f in l.flowtables.items()}, "
+                "'sets': sorted(l.sets)}))")
+        listed = json.loads(lab.node.run([sys.executable, "-c", code]).stdout)
+        d = {"listed": listed, "devices": lab.flowtable_devices()}
+        check(d["devices"], "precondition: the flowtable has devices", **d)
+        check(listed["flowtables"].get("fastpath") == d["devices"], "list_objects does not show the flowtable's devices", **d)
+        check({"offload-v4", "offload-v6"} <= set(listed["sets"]), "list_objects misses the offload sets", **d)
+        return d
 
     def _long_flow(self, dst, version, seconds=8):
         """An iperf3 stream to ``dst``; samples (while it runs) the conntrack entry and
