@@ -263,13 +263,10 @@ class Elements:
         if keys_only:
             return ", ".join([key for key, _, _ in self.expanded()])
         parts = []
-        for item in self.items:
-            key, value, comment = item[0], item[1], item[2]
-            c = f" comment {v.comment(comment)}" if comment else ""
-            if type(value) is tuple:
-                parts.extend([f"{key} . {i}{c} : {val}" for i, val in enumerate(value)])
-            else:
-                parts.append(f"{key}{c}" if value is None else f"{key}{c} : {value}")
+        for key, value, comment in self.expanded():
+            if comment:
+                key = f"{key} comment {v.comment(comment)}"
+            parts.append(key if value is None else f"{key} : {value}")
         return ", ".join(parts)
 
     def split(self):
