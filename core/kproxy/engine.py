@@ -236,23 +236,15 @@ class Engine:
             if items is None:
                 items = by_set[key[0]] = []
             items.append(e if type(e) is tuple else e[0])
-        verdicts: dict = {}  # (set key, value) -> (set key, element value), to check jumps
         for set_key, items in by_set.items():
             if set_key not in objects:
                 val = items[0]
                 raise PluginError(f"plugin {val[3]}: element {val[0]} added to undeclared set {set_key[3]}")
-            if objects[set_key][0].value_type != "verdict":
-                continue  # only a verdict can jump (nft rejects a jump anywhere else)
-            for val in items:
-                value = val[1]
-                if (set_key, value) not in verdicts and _verdicts(value):
-                    verdicts[(set_key, value)] = (set_key, val)
         for key in conflicts:
             log.warning("element %s of %s is wanted with different values; using %s",
                         key[1], key[0][3], els.data[key][0][1])
         rules = self.render_rules(ctx, seconds)
-        self._check_references(ctx, rules, verdicts.values())
-        del verdicts
+        self._check_references(ctx, rules, ((set_key, val) for set_key, items in by_set.items() for val in items))
         txn = self._full_transaction(ctx, objects, by_set, rules)
         del by_set
 
@@ -298,7 +290,8 @@ class Engine:
     def _check_references(ctx, rules, elements) -> None:
         """Every jump/goto of a rule or verdict element must name a declared chain of its
         table (the kernel may still hold an old chain of that name, so it cannot tell).
-        ``elements``: (set key, element value) pairs (see ``context.Declarations``)."""
+        ``elements``: (set key, element value) pairs (see ``context.Declarations``);
+        only those of verdict maps can jump."""
         checked = set()
 
         def check(family, table, text, owner, where):
@@ -309,7 +302,10 @@ class Engine:
         for chain_rules in rules.values():
             for r in chain_rules:
                 check(r.family, r.table, r.text, r.owner, f"a rule in chain {r.chain}")
+        verdict_maps = {k for k, o in ctx.objects.items() if isinstance(o, Set) and o.value_type == "verdict"}
         for set_key, (elem, value, _, owner, _) in elements:
+            if set_key not in verdict_maps:
+                continue  # only a verdict can jump (nft rejects a jump anywhere else)
             text = _verdicts(value)
             if text:
                 _, fam, table, name = set_key

@@ -43,10 +43,7 @@ class RefMap:
         scopes = {} if e is None else (e[1] if isinstance(e, list) else {e[-1]: e})
         for s in change.removed:
             scopes.pop(s, None)
-        if change.added is None:
-            scopes[change.scope] = change.after
-        else:
-            scopes.update(change.added)
+        scopes.update(change.added)
         if not scopes:
             self.data.pop(key, None)
         elif len(scopes) == 1:
@@ -61,40 +58,14 @@ class Change:
     before: object  # value before (None: absent)
     after: object  # value after (None: absent)
     removed: tuple  # scopes that no longer contribute
-    added: dict | None  # scope -> value contributed now (None: only ``scope``, with ``after``)
+    added: dict  # scope -> value contributed now
     conflict: bool = False  # scopes disagree about the value
-    scope: tuple = ()  # the one contributing scope when ``added`` is None
-
-
-def _ident(value):
-    """What must agree between scopes: an element's value; an object and its owner."""
-    # elements: (key, value, comment, owner, scope); objects: (obj, owner, scope)
-    return value[1] if len(value) == 5 else value[:2]
-
-
-def _all_new(replaced, new) -> list[Change]:
-    """The changes of a full sync, where everything is an addition (kept cheap: this is
-    the one place that sees every element)."""
-    changes: dict = {}
-    for scope in replaced:
-        for key, val in new.get(scope, {}).items():
-            ch = changes.get(key)
-            if ch is None:  # the common case: no dict per element, that is most of a sync's memory
-                changes[key] = Change(key, None, val, (), None, False, scope)
-            else:
-                if ch.added is None:
-                    ch.added = {ch.scope: ch.after}
-                ch.added[scope] = val
-                ch.conflict = ch.conflict or _ident(val) != _ident(ch.after)
-    return list(changes.values())
 
 
 def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple, dict]) -> list[Change]:
     """Changes to ``refmap`` when the scopes in ``replaced`` (whose old contributions are
     ``old[scope]``) are replaced by ``new[scope]``; ``refmap`` itself is not modified.
     Costs O(size of the old and new contributions of the replaced scopes)."""
-    if not refmap.data and not any(old.get(scope) for scope in replaced):
-        return _all_new(replaced, new)
     added_by_key: dict = {}
     for scope in replaced:
         for key, val in new.get(scope, {}).items():
@@ -117,10 +88,10 @@ def diff(refmap: RefMap, replaced: set, old: dict[tuple, dict], new: dict[tuple,
             before = e
             remaining = None if e[-1] in removed else before
         if remaining is not None:
-            after = before if (before is not None and _ident(remaining) == _ident(before)) else remaining
+            after = before if (before is not None and _agree(remaining, before)) else remaining
         else:
             after = next(iter(added.values()), None)
-        conflict = bool(added) and any(_ident(val) != _ident(after) for val in added.values())
+        conflict = bool(added) and any(not _agree(val, after) for val in added.values())
         changes.append(Change(key, before, after, removed, added, conflict))
     return changes
 
@@ -149,8 +120,10 @@ def merged(contributions) -> tuple[RefMap, list]:
 
 
 def _agree(a, b) -> bool:
-    """``_ident(a) == _ident(b)``, without building tuples (an object that every
-    Service declares, such as a load-balancing chain, is compared 10,000 times)."""
+    """Whether two scopes' values agree: an element's value (elements are (key, value,
+    comment, owner, scope)); an object and its owner (objects are (obj, owner, scope)).
+    Kept cheap: an object that every Service declares, such as a load-balancing chain,
+    is compared 10,000 times."""
     if len(a) == 5:
         return a[1] == b[1]
     return (a[0] is b[0] or a[0] == b[0]) and a[1] == b[1]

@@ -40,8 +40,7 @@ class NftCLI:
         """Apply a transaction whole, or raise ``NftError`` (then nothing was applied).
 
         A ``Transaction`` is written to nft one operation at a time, as it is rendered:
-        the script of a large sync is never held in memory whole, and nft parses while
-        the rest is being rendered."""
+        the script of a large sync is never held in memory whole."""
         if isinstance(txn, str):
             if not txn:
                 return

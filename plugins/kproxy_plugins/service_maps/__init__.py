@@ -90,7 +90,7 @@ class FamilyMaps:
         value = f"{a} daddr . th dport"
         self.backends = {g: decl(f"{g}-backends", port_key if g.startswith("nodeport") else addr_key, value, typeof=True)
                          for g in GROUPS}
-        self.affinity = A.Affinity(ctx, fam, table, version)
+        self.affinity = A.Affinity(ctx, fam, table)
         self.nodeport_ips = None
         self._ctx = ctx
         self._chains: dict = {}

@@ -80,9 +80,9 @@ class PortAffinity:
     def record_nodeport(self, key: str, endpoints) -> None:
         """Remember new connections to the NodePort ``key`` (protocol . port) that
         went to one of ``endpoints``."""
+        # the model validated the endpoints and holds their addresses canonically
         for ip, port in sorted({(ep.ip, ep.port) for ep in endpoints}):
-            self.fa.ctx.add_element(self.fa.nodeport_records, f"{key} . {v.ip(ip, self.fa.version)} . {v.port(port)}",
-                                    f"goto {self.record_chain}")
+            self.fa.ctx.add_element(self.fa.nodeport_records, f"{key} . {ip} . {port}", f"goto {self.record_chain}")
 
     @property
     def record_chain(self) -> str:
@@ -92,8 +92,8 @@ class PortAffinity:
 class Affinity:
     """The affinity objects of one family's table."""
 
-    def __init__(self, ctx, family: str, table: str, version: int):
-        self.ctx, self.fam, self.table, self.version = ctx, family, table, version
+    def __init__(self, ctx, family: str, table: str):
+        self.ctx, self.fam, self.table = ctx, family, table
         self.t = v.addr_type(family)
         self.balance: dict[str, Set] = {}
         self.records = self.nodeport_records = self.local_endpoints = None
@@ -131,7 +131,7 @@ class Affinity:
         self.ctx.declare(Chain(self.fam, self.table, pa.record_chain))
         if has_local:
             for ep in local_endpoints:
-                self.ctx.add_element(self.local_endpoints, f"{v.ip(ep.ip, self.version)} . {v.port(ep.port)}")
+                self.ctx.add_element(self.local_endpoints, f"{ep.ip} . {ep.port}")
         self.ports[h] = pa
         return pa
 
