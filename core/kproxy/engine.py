@@ -320,8 +320,10 @@ class Engine:
     def _full_transaction(self, ctx, objects, by_set, rules) -> Transaction:
         backend = self.app.backend
         wanted_tables = self._tables(objects)
-        kernel = {t: backend.list_objects(*t) for t in backend.list_tables() if is_kproxy_table(t[1])}
+        in_kernel = backend.list_tables()
+        kernel = {t: backend.list_objects(*t) for t in in_kernel if is_kproxy_table(t[1])}
         txn = Transaction()
+        txn.new_tables = wanted_tables - set(in_kernel)
         by_kind = {kind: [val[0] for val in objects.values() if isinstance(val[0], kind)]
                    for kind in (Table, Chain, Set, Flowtable)}
         for t in by_kind[Table]:

@@ -313,6 +313,18 @@ def test_plugin_tables_come_and_go_and_other_tables_are_left_alone():
     assert fake.dump().startswith("table ip filter\n  chain ip filter input\n")
 
 
+def test_a_full_sync_names_the_tables_it_creates():
+    """Only tables not in the kernel: a backend may build those ahead of the transaction."""
+    fake = FakeNft()
+    fake.apply(Transaction().add(Table("ip", "kproxy-extra")))
+    extra = Declarer([Table("ip", "kproxy-extra"), Chain("ip", "kproxy-extra", "x")])
+    app = make_app(("p", Declarer([chain("c")])), ("extra", extra), backend=fake)
+    first = app.sync()
+    assert first.ok and first.transaction.new_tables == {("ip", "kproxy"), ("ip6", "kproxy")}
+    again = app.sync(full=True)
+    assert again.ok and again.transaction.new_tables == set()
+
+
 def test_resync_rewrites_the_same_ruleset():
     app = make_app(("a", Declarer([chain("c"), chain("d")], rules={"c": ["jump d"], "d": ["counter"]})))
     assert app.sync().ok

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 import shutil
 import subprocess
 import tempfile
 
+from . import netlink
 from .errors import NftError
-from .objects import Chain, Flowtable, Listing, Set
+from .objects import Chain, Elements, Flowtable, Listing, Rule, Set, Table
 from .transaction import Transaction
 
+log = logging.getLogger("kproxy.nft")
 _SET_FLAGS = ("constant", "interval", "timeout", "dynamic")
 _FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")  # nft's, not only those kproxy uses
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,254}")  # a table name as nft's command syntax has it
 
+_SET_REF = re.compile(r"@([A-Za-z_][\w.\-]*)")
 _LOCATION = re.compile(r"^(?:/dev/stdin|-):(\d+):[\d\-]+: Error: (.*)$")
 
 
@@ -24,8 +29,9 @@ class NftCLI:
 
     programs_kernel = True  # plugins that act on the kernel themselves (conntrack) check this
 
-    def __init__(self, nft: str = "nft"):
+    def __init__(self, nft: str = "nft", netlink: bool = True):
         self.nft = nft
+        self.netlink = netlink  # preload the elements of new sets through netlink
 
     def available(self) -> bool:
         return shutil.which(self.nft) is not None
@@ -40,7 +46,8 @@ class NftCLI:
         """Apply a transaction whole, or raise ``NftError`` (then nothing was applied).
 
         A ``Transaction`` is written to nft one operation at a time, as it is rendered:
-        the script of a large sync is never held in memory whole."""
+        the script of a large sync is never held in memory whole. A table it creates
+        (``Transaction.new_tables``) is built ahead, see ``_build_ahead``."""
         if isinstance(txn, str):
             if not txn:
                 return
@@ -50,6 +57,17 @@ class NftCLI:
             return
         if not txn.ops:
             return
+        rest = self._build_ahead(txn) if self.netlink and txn.new_tables else None
+        if rest is None:
+            self._feed(txn)
+            return
+        try:
+            self._feed(rest)
+        except NftError:
+            self._remove(txn.new_tables)
+            raise
+
+    def _feed(self, txn: Transaction) -> None:
         # nft's messages go to a file, not a pipe: nft could otherwise block writing
         # them while this process blocks writing the script
         with tempfile.TemporaryFile("w+") as err:
@@ -68,6 +86,73 @@ class NftCLI:
             if proc.wait() != 0:
                 err.seek(0)
                 raise parse_error(err.read(), txn.render())
+
+    def _build_ahead(self, txn: Transaction) -> Transaction | None:
+        """Build the new tables of ``txn`` without the rules of their base chains, then
+        load their set elements that ``nft.netlink`` can encode in one netlink batch
+        (nft's parsing of elements is most of a large first sync); returns what is left
+        to apply (the rules of the base chains, and everything outside the new tables),
+        or None when nothing was built (then the kernel is unchanged).
+
+        A table whose base chains have no rules changes no packet, so the kernel
+        switches to the new rules as the last step commits, all at once, as it would
+        with one transaction."""
+        new = txn.new_tables
+        base = {(o.family, o.table, o.name) for o in (op.obj for op in txn.ops)
+                if isinstance(o, Chain) and o.is_base and o.table_key in new}
+        encoders, loads = {}, {}
+        build, rest = Transaction(), Transaction()
+        for op in txn.ops:
+            o = op.obj
+            if op.verb != "add" or o.table_key not in new or (
+                    isinstance(o, Rule) and (o.family, o.table, o.chain) in base):
+                rest.ops.append(op)
+                continue
+            if isinstance(o, Chain) and o.policy == "drop":
+                # an empty base chain that accepts is as if it were not there; its policy
+                # changes with its rules (made here, the chains keep their order)
+                build.add(dataclasses.replace(o, policy=None))
+                rest.ops.append(op)
+                continue
+            if isinstance(o, Elements):
+                load = loads.get((o.family, o.table, o.set))
+                if load is not None:
+                    load.append(o)
+                    continue
+            elif isinstance(o, Set):
+                enc = netlink.encoder(o)
+                if enc is not None:
+                    encoders[(o.family, o.table, o.name)] = enc
+                    loads[(o.family, o.table, o.name)] = []
+            build.ops.append(op)
+        if not any(loads.values()):
+            return None  # nothing for netlink: one nft run is cheaper than two
+        typeof = {name for fam, table, name in encoders if encoders[(fam, table, name)].set.typeof}
+        if typeof and any(isinstance(op.obj, Rule) and typeof & set(_SET_REF.findall(op.obj.text)) for op in rest.ops):
+            # nft 1.0.6 cannot always add a rule that uses a typeof map already in the
+            # kernel ("conflicting protocols specified" for a value with "th dport")
+            return None
+        try:
+            self._feed(build)
+        except NftError:
+            return None  # nothing was built; the whole transaction says what is wrong
+        try:
+            netlink.send(*netlink.batch([(encoders[k], loads[k]) for k in encoders]))
+        except (NftError, ValueError) as e:
+            log.warning("loading set elements through netlink failed, nft loads them instead: %s", e)
+            self._remove(new)
+            return None
+        return rest
+
+    def _remove(self, tables) -> None:
+        """Delete tables built ahead of a transaction that then failed."""
+        undo = Transaction()
+        for fam, name in sorted(tables):
+            undo.delete(Table(fam, name))
+        try:
+            self._feed(undo)
+        except NftError as e:
+            log.warning("could not remove tables built for a failed transaction: %s", e)
 
     def check(self, txn: Transaction | str) -> None:
         """Let nft validate a transaction without applying it (``nft -c``)."""

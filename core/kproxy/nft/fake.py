@@ -53,6 +53,9 @@ class FakeNft:
             self._apply(txn)
 
     def _apply(self, txn: Transaction) -> None:
+        for fam, name in txn.new_tables:  # a backend may build these early: they must be new
+            if (fam, name) in self.tables:
+                raise NftError(f"the transaction says table {fam} {name} is new, but it exists")
         state = copy.deepcopy(self.tables)
         handle = self._handle
         for lineno, op in enumerate(txn.ops, 1):

@@ -55,8 +55,8 @@ def _elements_only(txn: Transaction) -> bool:
 class HybridNft(NftCLI):
     """``NftCLI`` that applies element-only transactions in-process when it can."""
 
-    def __init__(self, nft: str = "nft"):
-        super().__init__(nft)
+    def __init__(self, nft: str = "nft", netlink: bool = True):
+        super().__init__(nft, netlink)
         try:
             self.lib = LibNft()
         except OSError:

@@ -57,10 +57,18 @@ class Op:
 
 
 class Transaction:
-    """Builder of one atomic nft transaction."""
+    """Builder of one atomic nft transaction.
+
+    ``new_tables``: (family, name) of the tables the transaction creates, which the
+    builder knows are not in the kernel. Until a table has base chains no packet
+    reaches it, so a backend may build such a table ahead of the transaction, all but
+    its base chains and their rules, and add those in the transaction; it must remove
+    the table again if the transaction fails (``NftCLI`` does this).
+    """
 
     def __init__(self):
         self.ops: list[Op] = []
+        self.new_tables: set[tuple[str, str]] = set()
 
     def __len__(self):
         return len(self.ops)
@@ -104,6 +112,7 @@ class Transaction:
 
     def extend(self, other: "Transaction"):
         self.ops.extend(other.ops)
+        self.new_tables |= other.new_tables
         return self
 
     def render(self) -> str:
