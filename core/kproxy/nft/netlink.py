@@ -257,12 +257,12 @@ def batch(loads: list[tuple[ElementEncoder, list[Elements]]]) -> tuple[bytes, in
 def send(data: bytes, messages: int, timeout: float = 60.0) -> None:
     """Send one batch and wait for every message's acknowledgement; the kernel applies
     the batch whole or not at all. Raises NftError with the kernel's reason."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + 65536)
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
-        sock.bind((0, 0))
-        sock.settimeout(timeout)
-        try:
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + 65536)  # one batch is one message
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+            sock.bind((0, 0))
+            sock.settimeout(timeout)
             sock.send(data)
             while messages:
                 reply, off = sock.recv(1 << 20), 0
@@ -274,5 +274,5 @@ def send(data: bytes, messages: int, timeout: float = 60.0) -> None:
                         if error:  # the whole batch was undone; the other replies do not matter
                             raise NftError(f"the kernel refused the elements: {os.strerror(-error)}")
                     off += max((size + 3) & ~3, 16)
-        except OSError as e:
-            raise NftError(f"netlink: {e.strerror or e}") from None
+    except OSError as e:
+        raise NftError(f"netlink: {e.strerror or e}") from None
