@@ -9,7 +9,8 @@ as one transaction, and the plugins hear the outcome (``kproxy_post_apply``).
   and periodically) re-renders everything, lists kproxy's tables in the kernel (without
   their elements) and rewrites all of it: chains flushed and refilled, sets and maps
   re-created with all their elements, stale objects removed. Sets the kernel fills
-  itself (``dynamic``) keep their content.
+  itself (``dynamic``) keep their content. Tables not in the kernel yet are named in
+  the transaction (``Transaction.new_tables``): the backend may build them ahead.
 - A *partial* sync re-renders only the Services that changed and writes only the
   difference of set and map elements to what the last sync committed, which is kept in
   memory: the kernel is not listed. A change of any chain, set or rule makes the sync

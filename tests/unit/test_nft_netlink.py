@@ -11,6 +11,7 @@ import pytest
 
 from kproxy.nft import Chain, Elements, FakeNft, NftCLI, NftError, Rule, Set, Table, Transaction
 from kproxy.nft import netlink
+from kproxy.nft.transaction import Op
 
 BACKENDS = Set("ip", "t", "backends", "ip daddr . meta l4proto . th dport . numgen random mod 1",
                "ip daddr . th dport", typeof=True)
@@ -100,11 +101,13 @@ class Recorder(NftCLI):
         super().__init__()
         self.scripts, self.fail_on = [], fail_on
 
-    def _feed(self, txn):
+    def _feed(self, txn, meanwhile=None):
         text = txn.render()
         self.scripts.append(text)
+        result = meanwhile() if meanwhile else None
         if self.fail_on and self.fail_on in text:
             raise NftError("refused")
+        return result
 
 
 @pytest.fixture
@@ -161,6 +164,15 @@ class TestBuildAhead:
         with pytest.raises(NftError):
             nft.apply(first_sync("jump nowhere"))
         assert nft.scripts[-1] == "delete table ip t\n"
+
+    def test_elements_netlink_cannot_encode_go_to_nft_in_one_transaction(self, sent, caplog):
+        nft = Recorder()
+        txn = first_sync()
+        txn.ops.insert(6, Op("add", Elements("ip", "t", "backends", (("172.30.0.2 . tcp . 99999", ("10.0.1.2 . 80",), None),))))
+        nft.apply(txn)
+        build, undo, whole = nft.scripts
+        assert sent == [] and undo == "delete table ip t\n" and whole == txn.render()
+        assert "99999" in caplog.text and "nft loads them instead" in caplog.text
 
     def test_a_table_already_in_the_kernel_is_one_transaction(self, sent):
         nft = Recorder()

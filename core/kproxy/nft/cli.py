@@ -67,7 +67,9 @@ class NftCLI:
             self._remove(txn.new_tables)
             raise
 
-    def _feed(self, txn: Transaction) -> None:
+    def _feed(self, txn: Transaction, meanwhile=None):
+        """Run nft on ``txn``; ``meanwhile()`` is called while nft works on it, and its
+        result returned."""
         # nft's messages go to a file, not a pipe: nft could otherwise block writing
         # them while this process blocks writing the script
         with tempfile.TemporaryFile("w+") as err:
@@ -83,9 +85,11 @@ class NftCLI:
                         out.write("\n")
             except BrokenPipeError:
                 pass  # nft stopped reading: its exit status and message say why
+            result = meanwhile() if meanwhile else None
             if proc.wait() != 0:
                 err.seek(0)
                 raise parse_error(err.read(), txn.render())
+            return result
 
     def _build_ahead(self, txn: Transaction) -> Transaction | None:
         """Build the new tables of ``txn`` without the rules of their base chains, then
@@ -132,12 +136,19 @@ class NftCLI:
             # nft 1.0.6 cannot always add a rule that uses a typeof map already in the
             # kernel ("conflicting protocols specified" for a value with "th dport")
             return None
+        def encode():
+            try:
+                return netlink.batch([(encoders[k], loads[k]) for k in encoders])
+            except ValueError as e:
+                return e
         try:
-            self._feed(build)
+            batch = self._feed(build, meanwhile=encode)  # encoding while nft builds
         except NftError:
             return None  # nothing was built; the whole transaction says what is wrong
         try:
-            netlink.send(*netlink.batch([(encoders[k], loads[k]) for k in encoders]))
+            if isinstance(batch, ValueError):
+                raise batch
+            netlink.send(*batch)
         except (NftError, ValueError) as e:
             log.warning("loading set elements through netlink failed, nft loads them instead: %s", e)
             self._remove(new)
