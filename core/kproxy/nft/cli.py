@@ -31,7 +31,7 @@ class NftCLI:
 
     def __init__(self, nft: str = "nft", netlink: bool = True):
         self.nft = nft
-        self.netlink = netlink  # preload the elements of new sets through netlink
+        self.netlink = netlink  # build new tables ahead, their set elements through netlink
 
     def available(self) -> bool:
         return shutil.which(self.nft) is not None
@@ -113,8 +113,8 @@ class NftCLI:
                 rest.ops.append(op)
                 continue
             if isinstance(o, Chain) and o.policy == "drop":
-                # an empty base chain that accepts is as if it were not there; its policy
-                # changes with its rules (made here, the chains keep their order)
+                # made here empty and accepting, which no packet notices (and the chains
+                # keep their order); the drop policy comes with the rules
                 build.add(dataclasses.replace(o, policy=None))
                 rest.ops.append(op)
                 continue
@@ -131,11 +131,12 @@ class NftCLI:
             build.ops.append(op)
         if not any(loads.values()):
             return None  # nothing for netlink: one nft run is cheaper than two
-        typeof = {name for fam, table, name in encoders if encoders[(fam, table, name)].set.typeof}
+        typeof = {enc.set.name for enc in encoders.values() if enc.set.typeof}
         if typeof and any(isinstance(op.obj, Rule) and typeof & set(_SET_REF.findall(op.obj.text)) for op in rest.ops):
             # nft 1.0.6 cannot always add a rule that uses a typeof map already in the
             # kernel ("conflicting protocols specified" for a value with "th dport")
             return None
+
         def encode():
             try:
                 return netlink.batch([(encoders[k], loads[k]) for k in encoders])

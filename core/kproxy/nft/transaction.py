@@ -60,10 +60,10 @@ class Transaction:
     """Builder of one atomic nft transaction.
 
     ``new_tables``: (family, name) of the tables the transaction creates, which the
-    builder knows are not in the kernel. Until a table has base chains no packet
-    reaches it, so a backend may build such a table ahead of the transaction, all but
-    its base chains and their rules, and add those in the transaction; it must remove
-    the table again if the transaction fails (``NftCLI`` does this).
+    builder knows are not in the kernel. While its base chains have no rules, a table
+    changes no packet, so a backend may build such a table ahead of the transaction,
+    all but the rules of its base chains, and add those in the transaction; it must
+    remove the table again if the transaction fails (``NftCLI`` does this).
     """
 
     def __init__(self):
