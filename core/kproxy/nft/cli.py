@@ -31,7 +31,7 @@ class NftCLI:
 
     def __init__(self, nft: str = "nft", netlink: bool = True):
         self.nft = nft
-        self.netlink = netlink  # build new tables ahead, their set elements through netlink
+        self.use_netlink = netlink  # build new tables ahead, their set elements through netlink
 
     def available(self) -> bool:
         return shutil.which(self.nft) is not None
@@ -57,7 +57,7 @@ class NftCLI:
             return
         if not txn.ops:
             return
-        rest = self._build_ahead(txn) if self.netlink and txn.new_tables else None
+        rest = self._build_ahead(txn) if self.use_netlink and txn.new_tables else None
         if rest is None:
             self._feed(txn)
             return

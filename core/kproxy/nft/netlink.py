@@ -223,6 +223,19 @@ def _message(kind: int, flags: int, seq: int, family: int, payload: bytes, res_i
     return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
 
 
+def _chunks(items, limit: int = MESSAGE_BYTES):
+    """Encoded elements grouped into lists of at most ``limit`` bytes each."""
+    chunk, size = [], 0
+    for item in items:
+        if chunk and size + len(item) > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item)
+    if chunk:
+        yield chunk
+
+
 def batch(loads: list[tuple[ElementEncoder, list[Elements]]]) -> tuple[bytes, int]:
     """One nfnetlink batch adding the elements of every (encoder, Elements) pair; and the
     number of messages it sends (each is acknowledged). Raises ValueError for an element
@@ -231,25 +244,12 @@ def batch(loads: list[tuple[ElementEncoder, list[Elements]]]) -> tuple[bytes, in
     out = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)]
     for enc, groups in loads:
         s = enc.set
-        head = _attr(1, s.table.encode() + b"\0") + _attr(2, s.name.encode() + b"\0")
-        chunk, size = [], 0
-
-        def flush():
-            nonlocal seq, chunk, size
+        head = _attr(1, s.table.encode() + b"\0") + _attr(2, s.name.encode() + b"\0")  # NFTA_SET_ELEM_LIST_TABLE, _SET
+        for chunk in _chunks(item for els in groups for item in enc.items(els)):
             seq += 1
-            body = b"".join(chunk)
             out.append(_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
                                 NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK, seq, NFPROTO[s.family],
-                                head + _attr(3 | NLA_F_NESTED, body)))  # NFTA_SET_ELEM_LIST_ELEMENTS
-            chunk, size = [], 0
-        for els in groups:
-            for item in enc.items(els):
-                if size + len(item) > MESSAGE_BYTES:
-                    flush()
-                chunk.append(item)
-                size += len(item)
-        if chunk:
-            flush()
+                                head + _attr(3 | NLA_F_NESTED, b"".join(chunk))))  # NFTA_SET_ELEM_LIST_ELEMENTS
     out.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 1, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
     return b"".join(out), seq
 
