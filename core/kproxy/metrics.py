@@ -23,8 +23,8 @@ class SyncMetrics:
             return Histogram(name, doc, labels, buckets=buckets, registry=registry)
 
         self.duration = hist("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds")
-        self.full_duration = hist("kubeproxy_sync_full_proxy_rules_duration_seconds", "Full SyncProxyRules latency in seconds")
-        self.partial_duration = hist("kubeproxy_sync_partial_proxy_rules_duration_seconds", "Partial SyncProxyRules latency in seconds")
+        self.full_duration = hist("kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs")
+        self.partial_duration = hist("kubeproxy_sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for partial resyncs")
         self.programming = hist("kubeproxy_network_programming_duration_seconds",
                                 "In Cluster Network Programming Latency in seconds", PROGRAMMING_BUCKETS)
         self.last_timestamp = Gauge("kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -39,10 +39,12 @@ class SyncMetrics:
                                              "Pending proxy rules Service changes", registry=registry)
         self.service_changes_total = Counter("kubeproxy_sync_proxy_rules_service_changes",
                                              "Cumulative proxy rules Service changes", registry=registry)
+        # one transaction programs both families: a failure counts for each, as it would
+        # for each of kube-proxy's per-family proxiers
         self.sync_failures = Counter("kubeproxy_sync_proxy_rules_nftables_sync_failures",
-                                     "Failed nftables syncs", registry=registry)
+                                     "Cumulative proxy nftables sync failures", ["ip_family"], registry=registry)
         self.cleanup_failures = Counter("kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
-                                        "Failed nftables cleanups of stale objects", registry=registry)
+                                        "Cumulative proxy nftables cleanup failures", ["ip_family"], registry=registry)
         self.plugin_seconds = Histogram("kproxy_plugin_hook_duration_seconds",
                                         "Time one plugin spent in the render hooks of one sync", ["plugin"],
                                         buckets=SYNC_BUCKETS, registry=registry)
@@ -69,10 +71,12 @@ class SyncMetrics:
         if result.failed_plugin:
             self.plugin_errors.labels(result.failed_plugin).inc()
         if result.cleanup_failed:
-            self.cleanup_failures.inc()
+            for fam in FAMILIES:
+                self.cleanup_failures.labels(fam).inc()
         if not result.ok:
             if not result.failed_plugin:
-                self.sync_failures.inc()
+                for fam in FAMILIES:
+                    self.sync_failures.labels(fam).inc()
             return
         now = time.time()
         self.sync_render_seconds.observe(result.render_seconds)

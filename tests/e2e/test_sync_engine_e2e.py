@@ -111,7 +111,7 @@ def test_failed_sync_keeps_rules_counts_and_recovers_with_a_full_sync(clean, tmp
         assert {"lastUpdated", "currentTime", "healthy", "nodeEligible"} <= set(json.loads(body))
         flag.touch()
         write_manifests(manifests, objects(["10.0.2.2"]))  # this change cannot be applied
-        wait_for(lambda: "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 1.0" in fetch(clean, "http://127.0.0.1:10249/metrics")[1],
+        wait_for(lambda: 'kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 1.0' in fetch(clean, "http://127.0.0.1:10249/metrics")[1],
                  what="the failure metric")
         # the previous rules still serve traffic, to both endpoints
         assert set(answered_by(clean.client.probe(WEB, 80, count=30))) == {"pod-a", "pod-b"}
@@ -125,7 +125,7 @@ def test_failed_sync_keeps_rules_counts_and_recovers_with_a_full_sync(clean, tmp
         for name in ("kubeproxy_sync_proxy_rules_duration_seconds_bucket", "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
                      "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "kubeproxy_network_programming_duration_seconds_bucket",
                      "kubeproxy_sync_proxy_rules_endpoint_changes_total", "kproxy_plugin_hook_duration_seconds_count",
-                     "kubeproxy_proxy_healthz_total"):
+                     "kubeproxy_proxy_healthz_total", "kubeproxy_sync_proxy_rules_no_local_endpoints_total"):
             assert name in metrics, name
         assert fetch(clean, "http://127.0.0.1:10256/healthz")[0] == 200
         assert fetch(clean, "http://127.0.0.1:10249/proxyMode")[1].strip() == "nftables"

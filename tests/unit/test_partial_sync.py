@@ -67,6 +67,7 @@ def apply_step(app, step):
 @given(st.lists(step_st, min_size=1, max_size=12))
 def test_partial_syncs_equal_a_full_sync(steps):
     partial = make_app()
+    partial.configure()
     assert partial.sync(full=True).ok
     for step in steps:
         apply_step(partial, step)
@@ -75,9 +76,19 @@ def test_partial_syncs_equal_a_full_sync(steps):
         partial.engine.stale_chains.clear()  # as if the delayed deletion had run
         _delete_flushed_chains(partial)
         full = make_app()
+        full.configure()
         full.state.replace_all(partial.state.snapshot())
         assert full.sync(full=True).ok
         assert partial.backend.dump() == full.backend.dump()
+        assert no_local_endpoints(partial) == no_local_endpoints(full)  # the gauge is recounted the same way
+
+
+def no_local_endpoints(app) -> dict:
+    """The samples of kube-proxy's gauge of Service ports without local endpoints."""
+    sample = app.metrics.get_sample_value
+    return {(fam, policy): sample("kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                                  {"ip_family": fam, "traffic_policy": policy})
+            for fam in ("IPv4", "IPv6") for policy in ("internal", "external")}
 
 
 def _delete_flushed_chains(app):
@@ -127,3 +138,30 @@ def test_full_sync_after_restart_keeps_foreign_tables_and_replaces_ours():
     result = second.sync()
     assert result.ok and result.full
     assert backend.dump() == before
+
+
+def test_no_local_endpoints_gauge_counts_local_policies_without_local_endpoints():
+    app = make_app()
+    app.configure()
+    cases = {  # Service: (type, eTP Local, iTP Local), its endpoints (ready, node)
+        0: (("ClusterIP", 0, False, True), [(True, "node-2")]),  # internal: no local endpoint
+        1: (("LoadBalancer", 0, True, False), [(True, "node-2")]),  # external: no local endpoint
+        2: (("NodePort", 0, True, True), [(True, NODE), (True, "node-2")]),  # both served here
+        3: (("ClusterIP", 0, False, True), []),  # no endpoint anywhere: rejected, not counted
+        4: (("NodePort", 0, True, True), [(False, NODE), (True, "node-2")]),  # the local one is not ready
+    }
+    for i, (svc, eps) in cases.items():
+        app.state.put(service_obj(i, *svc))
+        app.state.put(slice_obj(i, eps))
+    assert app.sync(full=True).ok
+    assert no_local_endpoints(app) == {("IPv4", "internal"): 2, ("IPv4", "external"): 2,
+                                       ("IPv6", "internal"): 0, ("IPv6", "external"): 0}
+    app.state.put(slice_obj(4, [(True, NODE)]))  # partial syncs recount only what changed
+    assert not app.sync().full
+    assert no_local_endpoints(app)[("IPv4", "internal")] == 1
+    assert no_local_endpoints(app)[("IPv4", "external")] == 1
+    app.state.remove("Service", "ns", "s1")
+    app.state.remove("Service", "ns", "s0")
+    assert app.sync().ok
+    assert no_local_endpoints(app)[("IPv4", "internal")] == 0
+    assert no_local_endpoints(app)[("IPv4", "external")] == 0

@@ -39,9 +39,11 @@ from kproxy.nft import values as v
 from .. import layout as L
 from ..localdetect import local_match
 from . import affinity as A
+from .no_local import NoLocalEndpoints
 from .nodeport_addresses import nodeport_ips
 
 GROUPS = ("cluster", "local", "nodeport-cluster", "nodeport-local")
+NO_LOCAL = "service-maps/no-local-endpoints"
 BASE_CHAINS = (
     ("filter-prerouting-pre-dnat", "filter", "prerouting", -110),
     ("filter-output-pre-dnat", "filter", "output", -110),
@@ -92,6 +94,7 @@ class FamilyMaps:
                          for g in GROUPS}
         self.affinity = A.Affinity(ctx, fam, table)
         self.nodeport_ips = None
+        self.no_local: dict = {}  # (IP version, Service key) -> [internal, external] Service ports, see ``no_local``
         self._ctx = ctx
         self._chains: dict = {}
         self._last_endpoints, self._last_values = None, ()
@@ -127,6 +130,11 @@ def _program_port(ctx, m: FamilyMaps, svc, cluster_ips, port, node_name: str, zo
     reject = "goto reject-chain"
 
     sticky = m.affinity.port(svc, port, eps.local) if svc.affinity_timeout and eps.has_any else None
+    no_external = not eps.for_external(svc)
+    if eps.has_any and (no_external or not internal):  # a Local policy, and no endpoint on this node
+        counts = m.no_local.setdefault((version, svc.key), [0, 0])
+        counts[0] += not internal
+        counts[1] += no_external
     for ip in cluster_ips:
         dest = f"{ip} . {proto} . {pnum}"
         add(m.cluster_ips, ip)
@@ -265,10 +273,27 @@ def _rules(ctx, chain) -> list | None:
 
 
 @hookimpl
+def kproxy_configure(app):
+    """Register kube-proxy's gauge of Service ports without local endpoints."""
+    app.plugin_data[NO_LOCAL] = NoLocalEndpoints(app.metrics)
+
+
+@hookimpl
+def kproxy_unconfigure(app):
+    """Forget this app's state."""
+    app.plugin_data.pop(NO_LOCAL, None)
+
+
+@hookimpl
 def kproxy_post_apply(ctx, result):
-    """Release ClientIP-affinity clients of endpoints this sync stopped using."""
+    """Recount the Service ports without local endpoints; release ClientIP-affinity
+    clients of endpoints this sync stopped using."""
     if not result.ok or "service-maps" not in ctx.plugin_data:
         return
+    no_local = ctx.app.plugin_data.get(NO_LOCAL)
+    if no_local is not None:
+        rendered = {k: n for m in ctx.plugin_data["service-maps"].values() for k, n in m.no_local.items()}
+        no_local.update(rendered, ctx.full, ctx.changed or ())
     known = ctx.app.plugin_data.setdefault("service-maps/affinity", {})
     now = A.usable_endpoints(m.affinity for m in ctx.plugin_data["service-maps"].values())
     if ctx.full:  # forget Service ports that are gone
