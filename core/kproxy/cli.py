@@ -187,10 +187,13 @@ def cli():
 @click.option("--initial-sync-timeout", type=float, default=60.0, show_default=True,
               help="With --once and the API: seconds to wait for the initial lists of Services and EndpointSlices.")
 @click.option("--dry-run", is_flag=True, help="Print each transaction instead of applying it.")
+@click.option("--no-netlink-elements", is_flag=True,
+              help="Let nft load every set element, also when a sync builds a new table "
+                   "(by default those go to the kernel through netlink; config: kproxy.netlinkElements).")
 @click.option("--init-only", is_flag=True,
               help="Only check that this host can run kproxy (nft present, nftables usable), then exit: "
                    "kube-proxy's privileged init step.")
-def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, init_only, **kw):
+def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, no_netlink_elements, init_only, **kw):
     """Program nftables for the Services of the cluster (or of --manifests) and keep them up to date."""
     _setup_logging(kw.pop("verbose"))
     real = HybridNft()
@@ -200,6 +203,7 @@ def run(manifests, kubeconfig, once, initial_sync_timeout, dry_run, init_only, *
         _init_only(real)
         return
     app = build_app(kw, PrintBackend(real) if dry_run else real)
+    real.use_netlink = app.config.netlink_elements and not no_netlink_elements
     source = None
     if manifests:
         _load_manifests(app, manifests)

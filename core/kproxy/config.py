@@ -45,6 +45,7 @@ class Config:
     disable_plugins: tuple[str, ...] = ()
     plugin_config: dict = field(default_factory=dict)  # plugin name -> {option: value}
     kube_proxy_extra: dict = field(default_factory=dict)  # unmapped nftables.* fields, for plugins
+    netlink_elements: bool = True  # kproxy.netlinkElements: a new table's set elements through netlink
 
     @property
     def masquerade_mark(self) -> int:
@@ -244,7 +245,11 @@ def from_dict(data, warn=print, source="config") -> Config:
             raise ConfigError(f"kproxy.{key}: must be a list of plugin names")
     kw["plugins"] = tuple(kp.get("plugins", []))
     kw["disable_plugins"] = tuple(kp.get("disablePlugins", []))
-    plugin_config = {k: val for k, val in kp.items() if k not in ("plugins", "disablePlugins")}
+    netlink = kp.get("netlinkElements", True)
+    if not isinstance(netlink, bool):
+        raise ConfigError(f"kproxy.netlinkElements: must be true or false, got {netlink!r}")
+    kw["netlink_elements"] = netlink
+    plugin_config = {k: val for k, val in kp.items() if k not in ("plugins", "disablePlugins", "netlinkElements")}
     for k, val in plugin_config.items():
         if not isinstance(val, dict):
             raise ConfigError(f"kproxy.{k}: plugin options must be a mapping")

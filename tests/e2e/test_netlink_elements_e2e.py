@@ -8,9 +8,12 @@ tables are new), so their packets are the test that the rules work."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
+
+from objects import endpoint_slice, service, write_manifests
 
 SCRIPT = r"""
 import json, logging, subprocess, sys
@@ -164,6 +167,36 @@ def test_netlink_refusal_names_the_reason_and_nft_loads_the_elements(clean):
     assert "No such file or directory" in got["error"]
     assert got["sent"]
     assert got["listing"] == got["nft"]
+
+
+NFT_LOGGER = """#!/bin/sh
+# records every script nft reads from stdin
+if [ "$1" = "-f" ] && [ "$2" = "-" ]; then tee -a "{log}" | {nft} "$@"; else exec {nft} "$@"; fi
+"""
+
+
+def test_the_operator_can_let_nft_load_every_element(clean, tmp_path):
+    log = tmp_path / "nft-input.log"
+    (tmp_path / "nft").write_text(NFT_LOGGER.format(log=log, nft=shutil.which("nft")))
+    (tmp_path / "nft").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    manifests = write_manifests(tmp_path / "web", [
+        service("web", "172.30.0.10", [("http", "TCP", 80)]),
+        endpoint_slice("web", ["10.0.1.2", "10.0.2.2"], [("http", "TCP", 8080)])])
+    no_netlink = clean.write_config("no-netlink.yaml", kproxy={"netlinkElements": False})
+    runs = {"default": ("--config", clean.config), "flag": ("--config", clean.config, "--no-netlink-elements"),
+            "config": ("--config", no_netlink)}
+    scripts, rulesets = {}, {}
+    for name, args in runs.items():
+        clean.kproxy("cleanup")
+        log.write_text("")
+        clean.kproxy("run", "--once", "--manifests", str(manifests), *map(str, args), env=env)
+        scripts[name], rulesets[name] = log.read_text(), clean.ruleset()
+    backends = "add element ip kproxy cluster-backends"
+    assert "add table ip kproxy" in scripts["default"] and backends not in scripts["default"]  # through netlink
+    assert backends in scripts["flag"] and backends in scripts["config"]  # nft loaded them
+    assert rulesets["flag"] == rulesets["config"] == rulesets["default"]
+    assert "172.30.0.10 . tcp . 80 . 1" in rulesets["default"]
 
 
 @pytest.fixture(autouse=True)

@@ -183,6 +183,7 @@ def test_zero_values_and_other_modes_do_not_warn(tmp_path):
     ("kproxy: {plugins: fastpath}\n", "kproxy.plugins: must be a list of plugin names"),
     ("kproxy: {disablePlugins: [1]}\n", "kproxy.disablePlugins: must be a list of plugin names"),
     ("kproxy: {fastpath: 3}\n", "kproxy.fastpath: plugin options must be a mapping"),
+    ("kproxy: {netlinkElements: 'no'}\n", "kproxy.netlinkElements: must be true or false, got 'no'"),
 ])
 def test_invalid_values_name_the_field(tmp_path, text, message):
     with pytest.raises(ConfigError) as exc:
@@ -205,7 +206,9 @@ def test_kproxy_section():
     assert cfg.plugins == ("a", "b")
     assert cfg.disable_plugins == ("masquerade",)
     assert cfg.plugin_config == {"a": {"x": 1}, "b": {}}
+    assert cfg.netlink_elements is True
     assert from_dict({"kproxy": None}).plugins == ()
+    assert from_dict({"kproxy": {"netlinkElements": False}}).netlink_elements is False
 
 
 def test_replace_validates():
