@@ -8,14 +8,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .model import Service
 from .state import ServiceEndpoint
 
 
-@dataclass(frozen=True)
-class Categorized:
+class Categorized(NamedTuple):
+    """The endpoints of one Service port by use (a named tuple: a sync makes one per
+    Service port and family)."""
+
     cluster: tuple[ServiceEndpoint, ...]  # for Cluster traffic policy
     local: tuple[ServiceEndpoint, ...]  # for Local traffic policy
     has_any: bool  # a usable endpoint exists anywhere (decides REJECT)
@@ -45,6 +47,10 @@ def categorize(endpoints: list[ServiceEndpoint], node_name: str, zone: str = "")
     if not endpoints:
         return _NONE
     ready = [e for e in endpoints if e.ready]
+    if len(ready) == len(endpoints) and not any(e.node_hints or e.zone_hints for e in ready):
+        # the common case, in a third of the time: every endpoint ready, no topology hints
+        local = tuple([e for e in ready if e.node_name == node_name]) if node_name else ()
+        return Categorized(tuple(ready), local, True)
     fallback = [e for e in endpoints if e.serving and e.terminating]
     cluster = _topology_filter(ready, node_name, zone) if ready else fallback
     local_ready = [e for e in ready if e.node_name == node_name and node_name]

@@ -245,7 +245,8 @@ class Engine:
             log.warning("element %s of %s is wanted with different values; using %s",
                         key[1], key[0][3], els.data[key][0][1])
         rules = self.render_rules(ctx, seconds)
-        self._check_references(ctx, rules, ((set_key, val) for set_key, items in by_set.items() for val in items))
+        self._check_references(ctx, rules, ((set_key, val) for set_key, items in by_set.items()
+                                            if ctx.objects[set_key].value_type == "verdict" for val in items))
         txn = self._full_transaction(ctx, objects, by_set, rules)
         del by_set
 

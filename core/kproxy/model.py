@@ -75,7 +75,10 @@ class Service(Struct, frozen=True, gc=False):
 
     def cluster_ips_of(self, version: int) -> tuple[str, ...]:
         """The ClusterIPs of IP ``version`` (4 or 6), canonical like every address here."""
-        return tuple(ip for ip in self.cluster_ips if (":" in ip) == (version == 6))
+        ips = self.cluster_ips
+        if len(ips) == 1:  # the common case, without a generator (called per Service, family and plugin)
+            return ips if (":" in ips[0]) == (version == 6) else ()
+        return tuple(ip for ip in ips if (":" in ip) == (version == 6))
 
 
 class Endpoint(Struct, frozen=True, gc=False):
