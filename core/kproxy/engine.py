@@ -194,7 +194,7 @@ class Engine:
                 log.warning("element %s of %s is wanted with different values; using %s",
                             ch.key[1], set_key[3], ch.after[1])
         rules = self.render_rules(ctx, seconds)
-        self._check_references(ctx, rules, ((ch.key[0], ch.after) for ch in el_changes if ch.after is not None))
+        self._check_references(ctx, rules, ((ch.key[0], (ch.after,)) for ch in el_changes if ch.after is not None))
         if self._structure_changed(obj_changes, rules):
             return self.plan(state, True, None, seconds)
         txn = self._partial_transaction(el_changes)
@@ -245,8 +245,7 @@ class Engine:
             log.warning("element %s of %s is wanted with different values; using %s",
                         key[1], key[0][3], els.data[key][0][1])
         rules = self.render_rules(ctx, seconds)
-        self._check_references(ctx, rules, ((set_key, val) for set_key, items in by_set.items()
-                                            if ctx.objects[set_key].value_type == "verdict" for val in items))
+        self._check_references(ctx, rules, by_set.items())
         txn = self._full_transaction(ctx, objects, by_set, rules)
         del by_set
 
@@ -292,8 +291,8 @@ class Engine:
     def _check_references(ctx, rules, elements) -> None:
         """Every jump/goto of a rule or verdict element must name a declared chain of its
         table (the kernel may still hold an old chain of that name, so it cannot tell).
-        ``elements``: (set key, element value) pairs (see ``context.Declarations``);
-        only those of verdict maps can jump."""
+        ``elements``: (set key, element values) pairs (see ``context.Declarations``);
+        only those of verdict maps are read, as only a verdict can jump."""
         checked = set()
 
         def check(family, table, text, owner, where):
@@ -305,13 +304,13 @@ class Engine:
             for r in chain_rules:
                 check(r.family, r.table, r.text, r.owner, f"a rule in chain {r.chain}")
         verdict_maps = {k for k, o in ctx.objects.items() if isinstance(o, Set) and o.value_type == "verdict"}
-        for set_key, (elem, value, _, owner, _) in elements:
+        for set_key, values in elements:
             if set_key not in verdict_maps:
-                continue  # only a verdict can jump (nft rejects a jump anywhere else)
-            text = _verdicts(value)
-            if text:
-                _, fam, table, name = set_key
-                if (fam, table, text) not in checked:  # verdicts repeat: check each once
+                continue  # nft rejects a jump anywhere else
+            _, fam, table, name = set_key
+            for elem, value, _, owner, _ in values:
+                text = _verdicts(value)
+                if text and (fam, table, text) not in checked:  # verdicts repeat: check each once
                     check(fam, table, text, owner, f"element {elem} of {name}")
                     checked.add((fam, table, text))
 

@@ -558,6 +558,16 @@ def test_indexed_run_of_verdicts_must_jump_to_declared_chains():
     assert app.sync().ok
 
 
+def test_partial_sync_checks_the_jumps_of_the_verdicts_it_writes():
+    plugin = Indexed({"10.0.0.1": ("goto c", "goto d")}, value_type="verdict")
+    app = make_app(("p", plugin))
+    assert app.sync().ok
+    plugin.runs = {"10.0.0.1": ("goto c", "goto nowhere")}
+    result = app.sync()
+    assert not result.ok and not result.full
+    assert result.error == "plugin p: element 10.0.0.1 of m jumps to chain nowhere, which is not declared"
+
+
 class _RunOnly:
     def __init__(self, runs):
         self.runs = runs
